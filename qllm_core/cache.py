@@ -1,0 +1,109 @@
+"""The engine-owned KV memory: a fixed pool of blocks, handed to requests and checked on every change."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVAccountingError(RuntimeError):
+    """The pool's books do not balance (a bug, never a user error)."""
+
+
+class KVCache:
+    """Paged KV memory for every layer: `num_blocks` blocks of `block_size` token slots each.
+
+    K and V for layer `l` live in `k[l]` / `v[l]`, shaped (num_slots, kv_heads, head_dim); a request owns
+    a list of blocks (its block table) and token position `p` lives in slot
+    `table[p // block_size] * block_size + p % block_size`.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = device
+        # Popping from the end hands out low block ids first, which keeps tests readable.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._tables: dict[str, list[int]] = {}
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks no request holds."""
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        """Blocks held by requests."""
+        return sum(len(t) for t in self._tables.values())
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Token slots in the whole pool."""
+        return self.num_blocks * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def extra_blocks(self, request_id: str, num_tokens: int) -> int:
+        """Blocks a request must still get so that it holds `num_tokens` tokens."""
+        return max(0, self.blocks_for(num_tokens) - len(self._tables.get(request_id, ())))
+
+    def allocate(self, request_id: str, num_tokens: int) -> None:
+        """Grow a request's table to hold `num_tokens` tokens; the caller checked `extra_blocks` fits."""
+        need = self.extra_blocks(request_id, num_tokens)
+        if need > len(self._free):
+            raise KVAccountingError(
+                f"request {request_id} needs {need} blocks but only {len(self._free)} are free; "
+                "the scheduler must check capacity before allocating"
+            )
+        table = self._tables.setdefault(request_id, [])
+        for _ in range(need):
+            table.append(self._free.pop())
+        self.check()
+
+    def free(self, request_id: str) -> int:
+        """Return every block of a request to the pool; returns how many were freed."""
+        table = self._tables.pop(request_id, [])
+        self._free.extend(reversed(table))
+        self.check()
+        return len(table)
+
+    def holds(self, request_id: str) -> bool:
+        """True when the request owns blocks."""
+        return request_id in self._tables
+
+    def slots(self, request_id: str, start: int, end: int) -> torch.Tensor:
+        """Slot indices of token positions [start, end) of a request, on the cache's device."""
+        table = self._tables[request_id]
+        bs = self.block_size
+        positions = range(start, end)
+        flat = [table[p // bs] * bs + p % bs for p in positions]
+        return torch.tensor(flat, dtype=torch.long, device=self.device)
+
+    def check(self) -> None:
+        """Verify free + used == total (cheap: run on every change)."""
+        free, used = len(self._free), self.used_blocks
+        if free + used != self.num_blocks:
+            raise KVAccountingError(f"KV books broken: free={free} + used={used} != total={self.num_blocks}")
+
+    def audit(self) -> None:
+        """`check` plus: no block is owned twice or both owned and free (O(blocks): for tests and debugging)."""
+        self.check()
+        owned = [b for t in self._tables.values() for b in t]
+        if len(set(owned) | set(self._free)) != self.num_blocks:
+            raise KVAccountingError(
+                f"KV books broken: {self.num_blocks} blocks in total but "
+                f"{len(set(owned) | set(self._free))} distinct ids tracked (a block is owned twice)"
+            )

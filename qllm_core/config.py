@@ -1,0 +1,139 @@
+"""Engine settings: one frozen dataclass, validated at construction, the one home of every default.
+
+YAML (serve_config.yaml) and the command line map onto `EngineConfig` through `EngineConfig.from_dict`,
+which rejects unknown keys. Facts discovered at run time (the model's context length, the KV pool's
+size in blocks) live on the objects that discover them, never on the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qllm_core.errors import ConfigError
+from qllm_core.request import PriorityClass
+
+
+class Granularity(enum.Enum):
+    """Where a running forward pass may be paused for more urgent work."""
+
+    ITERATION = "iteration"  # only between forward passes (TGI / vLLM behaviour)
+    LAYER = "layer"  # after any decoder layer
+    EXPERT = "expert"  # after any stage inside a layer, down to one expert of an MoE layer
+
+
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+BUILTIN_MODELS = ("tiny", "bench")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The part of the settings a scheduling policy sees (built by `EngineConfig.scheduler_config`)."""
+
+    policy: str
+    granularity: Granularity
+    max_batch_size: int
+    max_batched_tokens: int
+    be_max_wait_s: float
+    merge_ls_into_be: bool
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine: model, numerics, device, batching, KV memory and scheduling."""
+
+    model: str = "tiny"
+    """"tiny" (built-in default), "bench" (the benchmark preset) or a local checkpoint directory."""
+    dtype: str = "auto"
+    """"auto" is bfloat16 on CUDA and float32 on CPU."""
+    device: str = "auto"
+    """"cpu", "cuda", "cuda:N" or "auto" (CUDA when present)."""
+    policy: str = "qllm"
+    """Scheduling policy: "fcfs", "priority" or "qllm"."""
+    granularity: str = "layer"
+    """Preemption points: "iteration", "layer" or "expert"."""
+    max_batch_size: int = 32
+    """Most sequences in one forward pass."""
+    max_batched_tokens: int = 4096
+    """Most new tokens in one forward pass (a single prompt longer than this still runs, alone)."""
+    kv_cache_tokens: int = 65536
+    """KV cache capacity in tokens, summed over all requests."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; None takes the model's max_position_embeddings."""
+    be_max_wait_s: float = 5.0
+    """Aging bound: BE work held back longer than this is no longer preempted or passed over."""
+    merge_ls_into_be: bool = False
+    """Let an LS pass join a suspended BE pass at the layer where the BE pass stopped."""
+    default_priority: str = "latency_sensitive"
+    """Class of a request that names none."""
+    ttft_window: int = 256
+    """How many recent TTFTs per class `stats()` keeps."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model must be 'tiny', 'bench' or a local checkpoint directory")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device={self.device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        # Late import: the scheduler package imports this module for SchedulerConfig.
+        from qllm_core.scheduler import POLICIES  # noqa: PLC0415
+
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r} is unknown; use one of {', '.join(sorted(POLICIES))}")
+        if self.granularity not in {g.value for g in Granularity}:
+            raise ConfigError(f"granularity={self.granularity!r} is unknown; use 'iteration', 'layer' or 'expert'")
+        for name in ("max_batch_size", "max_batched_tokens", "kv_cache_tokens", "block_size", "ttft_window"):
+            _require_positive_int(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _require_positive_int("max_model_len", self.max_model_len)
+        if self.kv_cache_tokens < self.block_size:
+            raise ConfigError(
+                f"kv_cache_tokens={self.kv_cache_tokens} is smaller than one block (block_size={self.block_size})"
+            )
+        if isinstance(self.be_max_wait_s, bool) or not isinstance(self.be_max_wait_s, int | float):
+            raise ConfigError("be_max_wait_s must be a number of seconds")
+        if not (math.isfinite(self.be_max_wait_s) and self.be_max_wait_s > 0):
+            raise ConfigError(f"be_max_wait_s={self.be_max_wait_s} must be a positive, finite number of seconds")
+        if not isinstance(self.merge_ls_into_be, bool):
+            raise ConfigError("merge_ls_into_be must be true or false")
+        try:
+            PriorityClass.parse(self.default_priority)
+        except ValueError as exc:
+            raise ConfigError(f"default_priority: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EngineConfig:
+        """Build from a mapping (YAML, JSON, CLI); unknown keys are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine setting(s) {unknown}; known settings: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def granularity_level(self) -> Granularity:
+        """The granularity as an enum."""
+        return Granularity(self.granularity)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The settings a scheduling policy needs."""
+        return SchedulerConfig(
+            policy=self.policy,
+            granularity=self.granularity_level,
+            max_batch_size=self.max_batch_size,
+            max_batched_tokens=self.max_batched_tokens,
+            be_max_wait_s=float(self.be_max_wait_s),
+            merge_ls_into_be=self.merge_ls_into_be,
+        )
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")

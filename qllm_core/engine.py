@@ -1,0 +1,198 @@
+"""The async front of the engine: `generate`, `abort`, `stats`, with the step loop in its own thread.
+
+Callers on any thread or event loop submit through a command queue; the loop thread owns the
+`EngineCore` alone, so the core needs no locks. Outputs travel back to each caller's event loop with
+`call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qllm_core.config import EngineConfig
+from qllm_core.engine_core import EngineCore, EngineStats
+from qllm_core.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
+from qllm_core.metrics import EngineMetrics
+from qllm_core.request import PriorityClass, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Engine:
+    """One engine on one device. Thread-safe; any number of concurrent `generate` calls."""
+
+    def __init__(self, config: EngineConfig | None = None, metrics: EngineMetrics | None = None) -> None:
+        self.config = config if config is not None else EngineConfig()
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self._core = EngineCore(self.config, self.metrics)
+        self.tokenizer = self._core.loaded.tokenizer
+        self.max_model_len = self._core.loaded.max_model_len
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._ids = itertools.count()
+        self._stats = self._core.stats()
+        self._stopping = threading.Event()
+        self._dead: str | None = None
+        self._thread = threading.Thread(target=self._run, name="qllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        priority: PriorityClass | str | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        ttft_deadline_s: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs of one request. Bad input raises `InvalidRequestError` here, at the call."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids", param="prompt")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
+            prompt_token_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        elif not isinstance(prompt_token_ids, list):
+            raise InvalidRequestError("prompt_token_ids must be a list of integers", param="prompt_token_ids")
+        params = params if params is not None else SamplingParams()
+        cls = PriorityClass.parse(priority if priority is not None else self.config.default_priority)
+        rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:16]}"
+        assert prompt_token_ids is not None  # noqa: S101
+        return self._stream(rid, list(prompt_token_ids), params, cls, ttft_deadline_s)
+
+    async def _stream(
+        self, rid: str, ids: list[int], params: SamplingParams, cls: PriorityClass, deadline: float | None
+    ) -> AsyncIterator[RequestOutput]:
+        self._check_alive()
+        sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
+        accepted: asyncio.Future[None] = sub.loop.create_future()
+
+        def add() -> None:
+            try:
+                self._core.add_request(rid, ids, params, cls, deadline)
+            except Exception as exc:  # handed to the caller, who sees the typed error
+                sub.loop.call_soon_threadsafe(_settle, accepted, exc)
+                return
+            self._subscribers[rid] = sub
+            sub.loop.call_soon_threadsafe(_settle, accepted, None)
+
+        self._commands.put(add)
+        await accepted
+        finished = False
+        try:
+            while True:
+                item = await sub.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(lambda: self._abort_now(rid))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request and free what it holds; False when it is unknown or already finished."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._commands.put(lambda: loop.call_soon_threadsafe(_settle, done, self._abort_now(request_id)))
+        return await done
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot of queues, running work, KV usage and recent TTFTs (refreshed every step)."""
+        return self._stats
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still in flight end with `EngineStoppedError`."""
+        self._stopping.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout)
+
+    # ---- the loop thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self._core.has_work())
+                if self._core.has_work():
+                    try:
+                        self._publish(self._core.step())
+                    except Exception:  # a bug must not hang callers: fail them, keep serving
+                        logger.exception("engine step failed; failing the requests in flight")
+                        self._publish(self._core.fail_all(traceback.format_exc(limit=1).strip()))
+                self._stats = self._core.stats()
+        finally:
+            self._dead = "the engine was shut down"
+            for sub in self._subscribers.values():
+                sub.put(EngineStoppedError(self._dead))
+            self._subscribers.clear()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        command()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _abort_now(self, request_id: str) -> bool:
+        known = request_id in self._core.requests
+        output = self._core.abort(request_id)
+        if output is not None:
+            self._publish([output])
+        return known
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sub = self._subscribers.get(out.request_id)
+            if sub is None:
+                continue
+            if out.error is not None:
+                sub.put(RequestFailedError(f"request {out.request_id} failed inside the engine: {out.error}"))
+            else:
+                sub.put(out)
+            if out.finished:
+                del self._subscribers[out.request_id]
+
+    def _check_alive(self) -> None:
+        if self._dead is not None or self._stopping.is_set():
+            raise EngineStoppedError("the engine is shut down; create a new Engine")
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)

@@ -1,0 +1,479 @@
+"""The synchronous engine: requests, KV memory, forward passes and the policy that orders them.
+
+Single-threaded by design; `Engine` (engine.py) drives it from its own thread. One `step()` runs the
+active forward pass to its next preemption point, asking the policy first whether a more urgent pass
+should take over, and finishes the pass (sampling, stop checks, outputs) when it is done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qllm_core.cache import KVCache
+from qllm_core.config import EngineConfig
+from qllm_core.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError
+from qllm_core.forward import ForwardPass, PassEntry
+from qllm_core.metrics import EngineMetrics
+from qllm_core.models.registry import LoadedModel, load_model
+from qllm_core.request import (
+    FinishReason,
+    PriorityClass,
+    Request,
+    RequestOutput,
+    RequestState,
+    SamplingParams,
+)
+from qllm_core.sampler import Sampler
+from qllm_core.scheduler import POLICIES, BatchPlan, PassInfo, SchedulerView
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One class's load."""
+
+    waiting: int
+    """Queued for a prefill."""
+    ready: int
+    """Queued for a decode step."""
+    running: int
+    """Inside a forward pass (active or suspended)."""
+    recent_ttft_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, as `Engine.stats()` returns it."""
+
+    classes: dict[str, ClassStats]
+    kv_used_blocks: int
+    kv_total_blocks: int
+    active_pass: str | None
+    suspended_passes: int
+    passes_completed: int
+    preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use."""
+        return self.kv_used_blocks / self.kv_total_blocks
+
+
+@dataclass
+class _Counters:
+    passes: int = 0
+    preemptions: int = 0
+    recent_ttft: dict[PriorityClass, deque[float]] = field(default_factory=dict)
+
+
+class EngineCore:
+    """Queues, KV pool, passes and the scheduling policy; no threads, no Ray."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        metrics: EngineMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config
+        self.loaded = loaded if loaded is not None else load_model(config)
+        self.model = self.loaded.staged
+        adapter = self.model.adapter
+        self.kv = KVCache(
+            num_layers=self.model.num_layers,
+            num_kv_heads=adapter.num_kv_heads,
+            head_dim=adapter.head_dim,
+            num_blocks=config.kv_cache_tokens // config.block_size,
+            block_size=config.block_size,
+            dtype=self.loaded.dtype,
+            device=self.loaded.device,
+        )
+        self.policy = POLICIES[config.policy](config.scheduler_config())
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self.sampler = Sampler(self.loaded.device)
+        self.requests: dict[str, Request] = {}
+        self.active: ForwardPass | None = None
+        self.suspended: list[ForwardPass] = []
+        self._suspended_at: dict[int, float] = {}
+        self._aborting: set[str] = set()
+        self._emitted_text: dict[str, str] = {}
+        self._clock = clock
+        self._next_pass_id = 0
+        self._counters = _Counters(recent_ttft={c: deque(maxlen=config.ttft_window) for c in PriorityClass})
+
+    # ---- requests in and out -------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: PriorityClass | str,
+        ttft_deadline_s: float | None = None,
+    ) -> Request:
+        """Validate and queue a request; raises `InvalidRequestError` (or a subclass) naming what to fix."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams", param="params")
+        cls = PriorityClass.parse(priority)
+        if request_id in self.requests:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        self._check_prompt(prompt_token_ids, params)
+        if ttft_deadline_s is not None and (
+            isinstance(ttft_deadline_s, bool)
+            or not isinstance(ttft_deadline_s, int | float)
+            or not math.isfinite(ttft_deadline_s)
+            or ttft_deadline_s <= 0
+        ):
+            raise InvalidRequestError("ttft_deadline_s must be a positive number of seconds", param="ttft_deadline_s")
+        request = Request(request_id, list(prompt_token_ids), params, cls, self._clock(), ttft_deadline_s)
+        self.requests[request_id] = request
+        self.metrics.prompt_tokens.labels(cls.label).inc(len(prompt_token_ids))
+        return request
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.loaded.vocab_size
+        if not isinstance(ids, list | tuple) or not ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token", param="prompt")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be below the vocabulary size {vocab}", param="stop_token_ids"
+            )
+        limit = self.loaded.max_model_len
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the context is {limit}; shorten the prompt", param="prompt"
+            )
+        if len(ids) + params.max_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {limit} "
+                f"tokens; set max_tokens <= {limit - len(ids)}",
+                param="max_tokens",
+            )
+        if self.kv.blocks_for(len(ids) + params.max_tokens) > self.kv.num_blocks:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV cache "
+                f"({self.kv.capacity_tokens} tokens); lower max_tokens or raise kv_cache_tokens",
+                param="max_tokens",
+            )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request. Queued: freed now. Inside a pass: freed when that pass ends. Unknown: None."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.state is RequestState.RUNNING:
+            self._aborting.add(request_id)
+            return None
+        return self._finish(request, FinishReason.ABORT, self._clock())
+
+    def has_work(self) -> bool:
+        """True while anything is queued, running or suspended."""
+        return bool(self.requests) or self.active is not None or bool(self.suspended)
+
+    # ---- the step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Advance to the next preemption point; returns outputs of requests that got a token or ended."""
+        now = self._clock()
+        if self.active is not None and self.policy.should_preempt(self._view(now)):
+            self._relieve_memory()
+            plan = self.policy.next_batch(self._view(now))
+            if plan is not None:
+                self._suspend_active(now)
+                self.active = self._start(plan, now)
+        if self.active is None:
+            self.active = self._choose_pass(now)
+        if self.active is None:
+            return []
+        self.active.step()
+        self._maybe_merge()
+        if not self.active.done:
+            return []
+        finished, self.active = self.active, None
+        outputs = self._complete(finished)
+        self._update_gauges()
+        return outputs
+
+    def _choose_pass(self, now: float) -> ForwardPass | None:
+        self._relieve_memory()
+        view = self._view(now)
+        if self.suspended and self.policy.should_resume(view):
+            return self._resume(now)
+        plan = self.policy.next_batch(view)
+        if plan is not None:
+            return self._start(plan, now)
+        return self._resume(now) if self.suspended else None
+
+    def _start(self, plan: BatchPlan, now: float) -> ForwardPass:
+        entries = []
+        for rid in plan.request_ids:
+            request = self.requests[rid]
+            self.kv.allocate(rid, request.num_tokens)
+            request.move_to(RequestState.RUNNING)
+            if request.times.first_scheduled is None:
+                request.times.first_scheduled = now
+                self.metrics.queue_wait.labels(request.priority.label).observe(now - request.arrival)
+            start = request.num_cached_tokens
+            entries.append(PassEntry(request, start, tuple(request.all_token_ids[start:])))
+        self._next_pass_id += 1
+        self._update_gauges()
+        return ForwardPass(self._next_pass_id, self.model, self.kv, entries, self.config.granularity_level)
+
+    def _suspend_active(self, now: float) -> None:
+        running = self.active
+        assert running is not None  # noqa: S101
+        running.suspensions += 1
+        for entry in running.entries:
+            entry.request.preemptions += 1
+        self._suspended_at[running.pass_id] = now
+        self.suspended.append(running)
+        self.active = None
+        self._counters.preemptions += 1
+        self.metrics.preemptions.labels(self.config.granularity).inc()
+
+    def _resume(self, now: float) -> ForwardPass:
+        resumed = self.suspended.pop()
+        resumed.suspended_s += now - self._suspended_at.pop(resumed.pass_id)
+        return resumed
+
+    def _maybe_merge(self) -> None:
+        """With merging on, an LS pass joins a suspended pass once it reaches the layer where that one stopped."""
+        active = self.active
+        if not (self.config.merge_ls_into_be and active is not None and self.suspended):
+            return
+        target = self.suspended[-1]
+        if (
+            active.layer == target.layer
+            and active.at_layer_boundary
+            and target.at_layer_boundary
+            and not active.done
+            and len(active.entries) + len(target.entries) <= self.config.max_batch_size
+        ):
+            try:
+                target.merge(active)
+            except RuntimeError:
+                return  # not both before a layer's attention (e.g. embed/head): keep them apart
+            self._resume(self._clock())
+            self.active = target
+
+    def _complete(self, finished: ForwardPass) -> list[RequestOutput]:
+        assert finished.logits is not None  # noqa: S101
+        entries = finished.entries
+        tokens = self.sampler.sample(
+            finished.logits, [e.request.request_id for e in entries], [e.request.params for e in entries]
+        )
+        now = self._clock()
+        self._counters.passes += 1
+        outputs = []
+        for entry, token in zip(entries, tokens, strict=True):
+            request = entry.request
+            request.num_cached_tokens = request.num_tokens
+            if request.request_id in self._aborting:
+                outputs.append(self._finish(request, FinishReason.ABORT, now))
+                continue
+            outputs.append(self._append_token(request, token, now))
+        return outputs
+
+    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        request.output_token_ids.append(token)
+        request.times.tokens.append(now)
+        cls = request.priority
+        self.metrics.generated_tokens.labels(cls.label).inc()
+        if request.times.first_token is None:
+            request.times.first_token = now
+            ttft = now - request.arrival
+            self.metrics.ttft.labels(cls.label).observe(ttft)
+            self._counters.recent_ttft[cls].append(ttft)
+        params = request.params
+        text, stop_hit = self._detokenize(request)
+        reason: FinishReason | None = None
+        if stop_hit or token in params.stop_token_ids or (token in self.loaded.eos_token_ids and not params.ignore_eos):
+            reason = FinishReason.STOP
+        elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.loaded.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(request, reason, now, text=text)
+        request.move_to(RequestState.READY)
+        text = _streamable(text, params.stop)
+        self._emitted_text[request.request_id] = text
+        return self._output(request, text)
+
+    def _detokenize(self, request: Request) -> tuple[str, bool]:
+        """Text so far, cut before the first stop string; True when one was hit."""
+        text = self.loaded.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        text = str(text)
+        cut = min((i for i in (text.find(s) for s in request.params.stop) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def _output(self, request: Request, text: str, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            priority=request.priority,
+            prompt_token_count=len(request.prompt_token_ids),
+            token_ids=tuple(request.output_token_ids),
+            text=text,
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            error=error,
+            ttft_s=request.times.ttft,
+            preemptions=request.preemptions,
+        )
+
+    def _finish(
+        self, request: Request, reason: FinishReason, now: float, text: str | None = None, error: str | None = None
+    ) -> RequestOutput:
+        rid = request.request_id
+        request.finish_reason = reason
+        request.times.finished = now
+        request.move_to(RequestState.FINISHED)
+        self.kv.free(rid)
+        self.sampler.forget(rid)
+        self._aborting.discard(rid)
+        del self.requests[rid]
+        emitted = self._emitted_text.pop(rid, "")
+        text = emitted if text is None else text
+        cls = request.priority.label
+        self.metrics.requests.labels(cls, reason.value).inc()
+        self.metrics.e2e.labels(cls).observe(now - request.arrival)
+        n = len(request.output_token_ids)
+        if n > 1 and request.times.first_token is not None:
+            self.metrics.tpot.labels(cls).observe((request.times.tokens[-1] - request.times.first_token) / (n - 1))
+        return self._output(request, text, error)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after an internal failure); the engine stays usable."""
+        now = self._clock()
+        self.active = None
+        self.suspended.clear()
+        self._suspended_at.clear()
+        return [self._finish(r, FinishReason.ERROR, now, error=message) for r in list(self.requests.values())]
+
+    # ---- memory pressure -------------------------------------------------------------------------------
+    def _relieve_memory(self) -> None:
+        """Make room for the most urgent queued request that does not fit, taking KV from less urgent ones.
+
+        Victims, least urgent first: requests holding KV between steps, then suspended passes. They go back
+        to the queue and recompute their KV later, so nothing is lost.
+        """
+        queued = [r for r in self.requests.values() if r.state in (RequestState.WAITING, RequestState.READY)]
+        key = self.policy.order_key
+        free = self.kv.free_blocks
+        for request in sorted(queued, key=key)[: self.config.max_batch_size]:
+            cost = self.kv.extra_blocks(request.request_id, request.num_tokens)
+            if cost <= free:
+                free -= cost
+                continue
+            missing = cost - free
+            victims = sorted(
+                (r for r in queued if r.state is RequestState.READY and key(r) > key(request)), key=key, reverse=True
+            )
+            for victim in victims:
+                if missing <= 0:
+                    break
+                missing -= self._evict(victim)
+            for suspended in list(reversed(self.suspended)):
+                if missing <= 0:
+                    break
+                if all(key(e.request) > key(request) for e in suspended.entries):
+                    missing -= self._drop_suspended(suspended)
+            return
+
+    def _evict(self, request: Request) -> int:
+        freed = self.kv.free(request.request_id)
+        request.num_cached_tokens = 0
+        request.evictions += 1
+        request.move_to(RequestState.WAITING)
+        self.metrics.evictions.labels(request.priority.label).inc()
+        return freed
+
+    def _drop_suspended(self, dropped: ForwardPass) -> int:
+        self.suspended.remove(dropped)
+        self._suspended_at.pop(dropped.pass_id, None)
+        freed = 0
+        for entry in dropped.entries:
+            request = entry.request
+            if request.request_id in self._aborting:
+                self._finish(request, FinishReason.ABORT, self._clock())
+                continue
+            freed += self._evict(request)
+        return freed
+
+    # ---- views and stats -------------------------------------------------------------------------------
+    def _pass_info(self, p: ForwardPass, now: float, suspended: bool) -> PassInfo:
+        extra = now - self._suspended_at[p.pass_id] if suspended else 0.0
+        return PassInfo(
+            classes=frozenset(e.request.priority for e in p.entries),
+            ls_prefill=any(
+                e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in p.entries
+            ),
+            oldest_arrival=min((e.request.arrival for e in p.entries), default=now),
+            suspended_s=p.suspended_s + extra,
+            layer=p.layer,
+            at_layer_boundary=p.at_layer_boundary,
+        )
+
+    def _view(self, now: float) -> SchedulerView:
+        waiting: dict[PriorityClass, list[Request]] = {c: [] for c in PriorityClass}
+        ready: dict[PriorityClass, list[Request]] = {c: [] for c in PriorityClass}
+        for r in self.requests.values():
+            if r.state is RequestState.WAITING:
+                waiting[r.priority].append(r)
+            elif r.state is RequestState.READY:
+                ready[r.priority].append(r)
+        kv = self.kv
+        return SchedulerView(
+            now=now,
+            waiting=waiting,
+            ready=ready,
+            free_blocks=kv.free_blocks,
+            block_cost=lambda r: kv.extra_blocks(r.request_id, r.num_tokens),
+            running=None if self.active is None else self._pass_info(self.active, now, False),
+            suspended=None if not self.suspended else self._pass_info(self.suspended[-1], now, True),
+        )
+
+    def _update_gauges(self) -> None:
+        counts = {(c, s): 0 for c in PriorityClass for s in RequestState}
+        for r in self.requests.values():
+            counts[(r.priority, r.state)] += 1
+        for c in PriorityClass:
+            self.metrics.running.labels(c.label).set(counts[(c, RequestState.RUNNING)])
+            self.metrics.waiting.labels(c.label).set(
+                counts[(c, RequestState.WAITING)] + counts[(c, RequestState.READY)]
+            )
+        self.metrics.kv_usage.set(self.kv.used_blocks / self.kv.num_blocks)
+
+    def stats(self) -> EngineStats:
+        """Per-class queue depths, running work, KV usage and recent TTFTs."""
+        counts = {(c, s): 0 for c in PriorityClass for s in RequestState}
+        for r in self.requests.values():
+            counts[(r.priority, r.state)] += 1
+        active = self.active
+        return EngineStats(
+            classes={
+                c.label: ClassStats(
+                    waiting=counts[(c, RequestState.WAITING)],
+                    ready=counts[(c, RequestState.READY)],
+                    running=counts[(c, RequestState.RUNNING)],
+                    recent_ttft_s=tuple(self._counters.recent_ttft[c]),
+                )
+                for c in PriorityClass
+            },
+            kv_used_blocks=self.kv.used_blocks,
+            kv_total_blocks=self.kv.num_blocks,
+            active_pass=None if active is None else f"{active.stage.value}@layer{active.layer}",
+            suspended_passes=len(self.suspended),
+            passes_completed=self._counters.passes,
+            preemptions=self._counters.preemptions,
+        )
+
+
+def _streamable(text: str, stops: tuple[str, ...]) -> str:
+    """Text safe to show mid-stream: hold back a tail that may be the start of a stop string, or half a character."""
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+        hold = max(hold, 1)
+    return text[: len(text) - hold]

@@ -1,0 +1,1 @@
+"""Hugging Face MoE families behind small adapters, cut into stages; built-in tiny and bench models."""

@@ -1,0 +1,116 @@
+"""Attention over the engine's paged KV cache, plugged into the model's own attention modules.
+
+The engine calls each layer's own `self_attn` module (so projections, q/k norms, clipping and RoPE are
+the model's code) on a flat batch of tokens from many sequences. Transformers hands the projected,
+rotated q/k/v to an attention function chosen by name through its public `AttentionInterface`; ours
+writes the new K/V into the request's KV blocks and attends each sequence to its own context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from qllm_core.cache import KVCache
+
+ATTENTION_NAME = "qllm_paged"
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's share of a flat batch."""
+
+    start: int
+    """Offset of its first new token in the flat batch."""
+    length: int
+    """New tokens it feeds in this pass."""
+    context_slots: torch.Tensor
+    """KV slots of all its positions up to and including the new tokens."""
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Per-pass attention metadata, built once and shared by every layer."""
+
+    kv: KVCache
+    seqs: tuple[SeqSlice, ...]
+    write_slots: torch.Tensor
+    """KV slot of every new token, in flat-batch order."""
+    decode_slots: torch.Tensor | None
+    """(batch, longest context) slots when every sequence feeds one token; padding points at slot 0."""
+    decode_mask: torch.Tensor | None
+    """(batch, 1, 1, longest context) True where a padded decode slot is real."""
+
+    @classmethod
+    def build(cls, kv: KVCache, seqs: tuple[SeqSlice, ...], write_slots: torch.Tensor) -> AttentionBatch:
+        """Add the padded decode layout when every sequence is a single-token decode."""
+        if not seqs or any(s.length != 1 for s in seqs):
+            return cls(kv, seqs, write_slots, None, None)
+        longest = max(len(s.context_slots) for s in seqs)
+        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=kv.device)
+        mask = torch.zeros(len(seqs), 1, 1, longest, dtype=torch.bool, device=kv.device)
+        for i, s in enumerate(seqs):
+            slots[i, : len(s.context_slots)] = s.context_slots
+            mask[i, 0, 0, : len(s.context_slots)] = True
+        return cls(kv, seqs, write_slots, slots, mask)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Transformers attention-function signature: q (1, H, N, d), k/v (1, Hkv, N, d) -> (1, N, H, d)."""
+    batch: AttentionBatch = kwargs["qllm_batch"]
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    k_cache, v_cache = batch.kv.k[layer], batch.kv.v[layer]
+    k_cache.index_copy_(0, batch.write_slots, key[0].transpose(0, 1))
+    v_cache.index_copy_(0, batch.write_slots, value[0].transpose(0, 1))
+
+    if batch.decode_slots is not None and window is None:
+        q = query[0].transpose(0, 1).unsqueeze(2)  # (B, H, 1, d)
+        k = k_cache[batch.decode_slots].transpose(1, 2)  # (B, Hkv, L, d)
+        v = v_cache[batch.decode_slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        return out.squeeze(2).unsqueeze(0), None
+
+    outs = []
+    for s in batch.seqs:
+        q = query[:, :, s.start : s.start + s.length]
+        k = k_cache[s.context_slots].transpose(0, 1).unsqueeze(0)
+        v = v_cache[s.context_slots].transpose(0, 1).unsqueeze(0)
+        context = len(s.context_slots)
+        gqa = k.shape[1] != q.shape[1]
+        if context == s.length and (window is None or window >= context):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        else:
+            mask = _causal_mask(s.length, context, window, q.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        outs.append(o)
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+def _causal_mask(num_new: int, context: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """True where query i (at position context-num_new+i) may see key j."""
+    q_pos = torch.arange(context - num_new, context, device=device)[:, None]
+    k_pos = torch.arange(context, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
+# Registration is by name in transformers' public, process-wide AttentionInterface; doing it again is harmless.
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

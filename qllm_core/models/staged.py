@@ -1,0 +1,110 @@
+"""The model cut into stages that the engine runs one at a time, reusing the model's own modules.
+
+Per decoder layer: attention, routing, each hit expert in ascending id order (as transformers' eager
+loop), the shared expert if any, then the combine (residual add). The arithmetic mirrors the model's
+own forward operation for operation, so the engine's output is the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qllm_core.models.adapter import MoEAdapter, MoEParts
+from qllm_core.models.attention import AttentionBatch
+
+
+@dataclass
+class LayerWork:
+    """The MoE half of one layer in progress: everything a pass paused between experts must keep."""
+
+    residual: torch.Tensor
+    normed: torch.Tensor
+    top_k_index: torch.Tensor | None
+    top_k_weights: torch.Tensor | None
+    experts_left: list[int]
+    """Hit experts not yet run, ascending."""
+    out: torch.Tensor
+    """Routed-expert output accumulated so far (or the dense MLP's output)."""
+    shared_out: torch.Tensor | None = None
+    experts_done: list[int] = field(default_factory=list)
+
+
+class StagedModel:
+    """Stage functions over one loaded model. Holds no per-pass state."""
+
+    def __init__(self, adapter: MoEAdapter) -> None:
+        self.adapter = adapter
+        self.layers = list(adapter.layers)
+        self.parts: list[MoEParts | None] = [adapter.moe_parts(layer) for layer in self.layers]
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers."""
+        return len(self.layers)
+
+    def has_shared_expert(self, layer: int) -> bool:
+        """True when the layer has a shared expert stage."""
+        parts = self.parts[layer]
+        return parts is not None and parts.shared is not None
+
+    def embed(
+        self, token_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Embeddings and RoPE tables for a flat batch."""
+        hidden = self.adapter.embed(token_ids)
+        return hidden, self.adapter.rotary(hidden, positions)
+
+    def attention(
+        self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Input norm, the model's attention module over the paged cache, residual add."""
+        module: nn.Module = self.layers[layer]
+        normed = module.input_layernorm(hidden)  # type: ignore[operator]
+        attn_out, _ = module.self_attn(  # type: ignore[operator]
+            hidden_states=normed.unsqueeze(0), position_embeddings=rope, attention_mask=None, qllm_batch=batch
+        )
+        return hidden + attn_out[0]  # type: ignore[no-any-return]
+
+    def route(self, layer: int, hidden: torch.Tensor) -> LayerWork:
+        """Post-attention norm and the model's own router (or, for a dense layer, its whole MLP)."""
+        module: nn.Module = self.layers[layer]
+        normed = module.post_attention_layernorm(hidden)  # type: ignore[operator]
+        parts = self.parts[layer]
+        if parts is None:
+            dense = self.adapter.dense_mlp(module)(normed)
+            return LayerWork(hidden, normed, None, None, [], dense)
+        _, weights, index = parts.gate(normed)
+        # The one device-to-host read of a layer: which experts have tokens (transformers' loop does the same).
+        hit = torch.unique(index).tolist()
+        return LayerWork(hidden, normed, index, weights, [int(e) for e in hit], torch.zeros_like(normed))
+
+    def expert(self, layer: int, work: LayerWork) -> int:
+        """Run the next hit expert on its tokens and add its weighted output; returns its id."""
+        parts = self.parts[layer]
+        assert parts is not None and work.top_k_index is not None and work.top_k_weights is not None  # noqa: S101
+        expert = work.experts_left.pop(0)
+        top_k_pos, token_idx = torch.where(work.top_k_index.T == expert)
+        states = self.adapter.run_expert(parts.experts, expert, work.normed[token_idx])
+        states = states * work.top_k_weights[token_idx, top_k_pos, None]
+        work.out.index_add_(0, token_idx, states.to(work.out.dtype))
+        work.experts_done.append(expert)
+        return expert
+
+    def shared_expert(self, layer: int, work: LayerWork) -> None:
+        """The gated shared expert (Qwen2-MoE)."""
+        parts = self.parts[layer]
+        assert parts is not None and parts.shared is not None  # noqa: S101
+        work.shared_out = parts.shared(work.normed)
+
+    @staticmethod
+    def combine(work: LayerWork) -> torch.Tensor:
+        """Add the MoE output (and shared expert) to the residual stream."""
+        moe = work.out if work.shared_out is None else work.out + work.shared_out
+        return work.residual + moe
+
+    def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the rows whose next token is wanted."""
+        return self.adapter.lm_head(self.adapter.final_norm(hidden[rows]))

@@ -1,0 +1,62 @@
+"""`qllm`: per-class prefill and decode queues with sub-iteration preemption for LS prefills.
+
+An LS prompt is what LS requests are judged by (TTFT), so a waiting LS prefill suspends the running
+pass at its next layer or expert boundary, unless that pass already carries an LS prefill. Batch
+selection follows the paper's Algorithm 1 in spirit, with two changes found by measuring: an LS
+prefill batch takes spare slots from BE *decodes* only (one BE prompt in it would add its whole
+prefill to the LS TTFT), and when only LS decodes are queued the batch is filled with any BE work,
+prompts included, since that pass can still be suspended for the next LS prompt; without that,
+steady LS decoding starves BE prefills. An aging bound (`be_max_wait_s`) stops BE from being
+preempted or passed over once it has waited that long, so BE never starves.
+"""
+
+from __future__ import annotations
+
+from qllm_core.request import PriorityClass
+from qllm_core.scheduler.base import BatchBuilder, BatchPlan, Policy, SchedulerView, urgency
+
+LS = PriorityClass.LATENCY_SENSITIVE
+BE = PriorityClass.BEST_EFFORT
+
+
+class QllmPolicy(Policy):
+    """LS prompts first, inside the forward pass; BE fills the rest and is protected by aging."""
+
+    name = "qllm"
+
+    def next_batch(self, view: SchedulerView) -> BatchPlan | None:
+        """LS prefill batch (with BE decode fill), else a continuous batch with LS first."""
+        builder = BatchBuilder(self.config, view)
+        ls_prefill = sorted(view.waiting[LS], key=urgency)
+        ls_decode = sorted(view.ready[LS], key=urgency)
+        be_prefill, be_decode = view.waiting[BE], view.ready[BE]
+        if self._be_aged(view):
+            builder.add_in_order(be_decode, skip_misfits=True)
+            builder.add_in_order(be_prefill)
+            builder.add_in_order(ls_decode + ls_prefill, skip_misfits=True)
+        elif ls_prefill:
+            builder.add_in_order(ls_prefill, skip_misfits=True)
+            builder.add_in_order(ls_decode, skip_misfits=True)
+            builder.add_in_order(be_decode, skip_misfits=True)
+        else:
+            builder.add_in_order(ls_decode, skip_misfits=True)
+            builder.add_in_order(be_decode, skip_misfits=True)
+            builder.add_in_order(be_prefill)
+        return builder.plan()
+
+    def should_preempt(self, view: SchedulerView) -> bool:
+        """Suspend the running pass for a waiting LS prompt, unless it carries one or BE has aged."""
+        running = view.running
+        if running is None or running.ls_prefill or not view.waiting[LS]:
+            return False
+        return running.suspended_s < self.config.be_max_wait_s and not self._be_aged(view)
+
+    def should_resume(self, view: SchedulerView) -> bool:
+        """Resume the suspended pass once no LS prompt waits, or when it has aged."""
+        suspended = view.suspended
+        if suspended is None:
+            return False
+        return not view.waiting[LS] or suspended.suspended_s >= self.config.be_max_wait_s
+
+    def _be_aged(self, view: SchedulerView) -> bool:
+        return view.oldest_wait(BE) >= self.config.be_max_wait_s
