@@ -55,6 +55,7 @@ class EngineStats:
     suspended_passes: int
     passes_completed: int
     preemptions: int
+    merges: int
 
     @property
     def kv_usage(self) -> float:
@@ -66,6 +67,7 @@ class EngineStats:
 class _Counters:
     passes: int = 0
     preemptions: int = 0
+    merges: int = 0
     recent_ttft: dict[PriorityClass, deque[float]] = field(default_factory=dict)
 
 
@@ -221,7 +223,9 @@ class EngineCore:
             entries.append(PassEntry(request, start, tuple(request.all_token_ids[start:])))
         self._next_pass_id += 1
         self._update_gauges()
-        return ForwardPass(self._next_pass_id, self.model, self.kv, entries, self.config.granularity_level)
+        started = ForwardPass(self._next_pass_id, self.model, self.kv, entries, self.config.granularity_level)
+        started.queued_s = max(now - e.request.waiting_since for e in entries)
+        return started
 
     def _suspend_active(self, now: float) -> None:
         running = self.active
@@ -259,6 +263,7 @@ class EngineCore:
                 return  # not both before a layer's attention (e.g. embed/head): keep them apart
             self._resume(self._clock())
             self.active = target
+            self._counters.merges += 1
 
     def _complete(self, finished: ForwardPass) -> list[RequestOutput]:
         assert finished.logits is not None  # noqa: S101
@@ -410,8 +415,7 @@ class EngineCore:
             ls_prefill=any(
                 e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in p.entries
             ),
-            oldest_arrival=min((e.request.arrival for e in p.entries), default=now),
-            suspended_s=p.suspended_s + extra,
+            held_back_s=p.queued_s + p.suspended_s + extra,
             layer=p.layer,
             at_layer_boundary=p.at_layer_boundary,
         )
@@ -468,6 +472,7 @@ class EngineCore:
             suspended_passes=len(self.suspended),
             passes_completed=self._counters.passes,
             preemptions=self._counters.preemptions,
+            merges=self._counters.merges,
         )
 
 

@@ -62,6 +62,8 @@ class ForwardPass:
         self.executed: Counter[tuple[int, Stage, int]] = Counter()
         """How often each (layer, stage, expert) unit ran: every unit must run exactly once."""
         self.suspended_s = 0.0
+        self.queued_s = 0.0
+        """Longest time one of its requests waited before this pass started (set by the engine)."""
         self.suspensions = 0
         self._units: dict[Stage, Callable[[], None]] = {
             Stage.EMBED: self._embed,

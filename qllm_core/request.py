@@ -207,6 +207,11 @@ class Request:
         return math.inf if self.ttft_deadline_s is None else self.arrival + self.ttft_deadline_s
 
     @property
+    def waiting_since(self) -> float:
+        """When it last made progress (its last token, else its arrival): the start of its current wait."""
+        return self.times.tokens[-1] if self.times.tokens else self.arrival
+
+    @property
     def finished(self) -> bool:
         """True once it has finished for any reason."""
         return self.state is RequestState.FINISHED

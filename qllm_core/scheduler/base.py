@@ -31,9 +31,9 @@ class PassInfo:
     classes: frozenset[PriorityClass]
     ls_prefill: bool
     """True when an LS request in the pass is prefilling (its TTFT depends on this pass)."""
-    oldest_arrival: float
-    suspended_s: float
-    """Total time this pass has spent suspended so far."""
+    held_back_s: float
+    """How long its requests have been held back for this step: queued before the pass started, plus the
+    time the pass has spent suspended. The aging bound applies to this."""
     layer: int
     at_layer_boundary: bool
 
@@ -63,9 +63,9 @@ class SchedulerView:
         return bool(self.waiting[cls] or self.ready[cls])
 
     def oldest_wait(self, cls: PriorityClass) -> float:
-        """Seconds the longest-queued request of a class has been waiting since arrival (0 if none)."""
+        """Seconds the longest-waiting queued request of a class has waited for its next step (0 if none)."""
         queued = self.waiting[cls] + self.ready[cls]
-        return max((self.now - r.arrival for r in queued), default=0.0)
+        return max((self.now - r.waiting_since for r in queued), default=0.0)
 
 
 class BatchBuilder:

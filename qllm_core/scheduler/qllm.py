@@ -49,14 +49,14 @@ class QllmPolicy(Policy):
         running = view.running
         if running is None or running.ls_prefill or not view.waiting[LS]:
             return False
-        return running.suspended_s < self.config.be_max_wait_s and not self._be_aged(view)
+        return running.held_back_s < self.config.be_max_wait_s and not self._be_aged(view)
 
     def should_resume(self, view: SchedulerView) -> bool:
         """Resume the suspended pass once no LS prompt waits, or when it has aged."""
         suspended = view.suspended
         if suspended is None:
             return False
-        return not view.waiting[LS] or suspended.suspended_s >= self.config.be_max_wait_s
+        return not view.waiting[LS] or suspended.held_back_s >= self.config.be_max_wait_s
 
     def _be_aged(self, view: SchedulerView) -> bool:
         return view.oldest_wait(BE) >= self.config.be_max_wait_s

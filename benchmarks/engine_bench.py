@@ -1,0 +1,203 @@
+"""Engine benchmark (not a test): decode throughput vs transformers, preemption overhead, LS TTFT under BE load.
+
+Run: `python -m benchmarks.engine_bench --out benchmarks/results/engine_bench.json` (bench preset, a few
+minutes on 2 CPU cores). Every ratio is measured in this one run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from qllm_core import Engine, EngineConfig, SamplingParams
+from qllm_core.engine_core import EngineCore
+
+PROMPT_BASE = [(j * 7) % 497 + 3 for j in range(4096)]
+
+
+def prompt(i: int, length: int) -> list[int]:
+    """A distinct deterministic prompt."""
+    return [(t + 13 * i) % 497 + 3 for t in PROMPT_BASE[:length]]
+
+
+def drain(core: EngineCore) -> None:
+    """Step until idle."""
+    while core.has_work():
+        core.step()
+
+
+def engine_decode_throughput(model: str, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Decode tokens/s of the engine at a fixed batch: (total - prefill-only) time over the decode tokens."""
+    core = EngineCore(EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs"))
+
+    def run(n: int) -> float:
+        for i in range(batch):
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            core.add_request(f"r{n}-{i}", prompt(i, prompt_len), params, "be")
+        start = time.perf_counter()
+        drain(core)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    prefill = min(run(1) for _ in range(2))
+    total = min(run(new_tokens) for _ in range(2))
+    return {"decode_tokens_per_s": batch * (new_tokens - 1) / (total - prefill), "prefill_s": prefill}
+
+
+def hf_decode_throughput(
+    path: Path, batch: int, prompt_len: int, new_tokens: int, experts: str | None
+) -> dict[str, float]:
+    """The same measurement with transformers' `generate` (greedy, KV cache, no early stop)."""
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if experts is not None:
+        kwargs["experts_implementation"] = experts
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    ids = torch.tensor([prompt(i, prompt_len) for i in range(batch)])
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
+        return time.perf_counter() - start
+
+    run(2)
+    prefill = min(run(1) for _ in range(2))
+    total = min(run(new_tokens) for _ in range(2))
+    return {"decode_tokens_per_s": batch * (new_tokens - 1) / (total - prefill), "prefill_s": prefill}
+
+
+def be_only_throughput(model: str, granularity: str, requests: int, prompt_len: int, new_tokens: int) -> float:
+    """Output tokens/s with BE-only traffic (nothing to preempt for): the cost of the preemption points."""
+    core = EngineCore(EngineConfig(model=model, device="cpu", granularity=granularity, policy="qllm"))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(requests):
+        core.add_request(f"w{i}", prompt(i, 16), params, "be")
+    drain(core)  # warm-up
+    for i in range(requests):
+        core.add_request(f"r{i}", prompt(i, prompt_len), params, "be")
+    start = time.perf_counter()
+    drain(core)
+    return requests * new_tokens / (time.perf_counter() - start)
+
+
+async def _ls_ttft(engine: Engine, delay_s: float, be_requests: int, be_prompt: int) -> float:
+    """TTFT of one LS request sent `delay_s` after a BE prefill burst (or on an idle engine if be_requests=0)."""
+    be_params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    async def be(i: int) -> None:
+        async for _ in engine.generate(prompt_token_ids=prompt(100 + i, be_prompt), params=be_params, priority="be"):
+            pass
+
+    tasks = [asyncio.create_task(be(i)) for i in range(be_requests)]
+    await asyncio.sleep(delay_s)
+    ttft = None
+    ls_params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    async for out in engine.generate(prompt_token_ids=prompt(7, 32), params=ls_params, priority="ls"):
+        ttft = out.ttft_s
+    await asyncio.gather(*tasks)
+    assert ttft is not None
+    return ttft
+
+
+def ls_ttft_under_be_prefill(model: str, policy: str, granularity: str, trials: int) -> dict[str, float]:
+    """Median LS TTFT idle and during a saturating BE prefill (8 x 512-token prompts in one pass)."""
+    engine = Engine(EngineConfig(model=model, device="cpu", policy=policy, granularity=granularity))
+    try:
+        idle = [asyncio.run(_ls_ttft(engine, 0.0, 0, 0)) for _ in range(trials)]
+        loaded = [asyncio.run(_ls_ttft(engine, 0.05 + 0.1 * t, 8, 512)) for t in range(trials)]
+    finally:
+        engine.shutdown()
+    return {"idle_ttft_s": statistics.median(idle), "loaded_ttft_s": statistics.median(loaded), "trials": trials}
+
+
+def layer_time(model: str) -> dict[str, float]:
+    """Wall time of the saturating BE prefill pass, and of one of its layers (pass time / layers)."""
+    core = EngineCore(EngineConfig(model=model, device="cpu", granularity="layer"))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for trial in range(3):
+        for i in range(8):
+            core.add_request(f"t{trial}-{i}", prompt(100 + i, 512), params, "be")
+        start = time.perf_counter()
+        drain(core)
+        times.append(time.perf_counter() - start)
+    pass_s = min(times)
+    return {"be_prefill_pass_s": pass_s, "layer_s": pass_s / core.model.num_layers}
+
+
+def main() -> None:
+    """Run every measurement and write one JSON file."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="bench")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_bench.json"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "model": args.model,
+    }
+    path = EngineCore(EngineConfig(model=args.model, device="cpu", kv_cache_tokens=64)).loaded.path
+    decode = {
+        "batch": args.batch,
+        "prompt_len": 64,
+        "new_tokens": 64,
+        "engine": engine_decode_throughput(args.model, args.batch, 64, 64),
+        "transformers_default_experts": hf_decode_throughput(path, args.batch, 64, 64, None),
+        "transformers_eager_experts": hf_decode_throughput(path, args.batch, 64, 64, "eager"),
+    }
+    decode["engine_vs_transformers_default"] = (
+        decode["engine"]["decode_tokens_per_s"] / decode["transformers_default_experts"]["decode_tokens_per_s"]
+    )
+    decode["engine_vs_transformers_eager"] = (
+        decode["engine"]["decode_tokens_per_s"] / decode["transformers_eager_experts"]["decode_tokens_per_s"]
+    )
+    results["decode_throughput"] = decode
+    print(json.dumps(decode, indent=1), flush=True)
+
+    overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
+    tput: dict[str, float] = {}
+    for g in ("iteration", "layer", "expert", "iteration", "layer", "expert"):  # interleaved, best of two
+        tput[g] = max(tput.get(g, 0.0), be_only_throughput(args.model, g, 16, 256, 16))
+    overhead["tokens_per_s"] = tput
+    overhead["overhead_vs_iteration"] = {g: 1 - tput[g] / tput["iteration"] for g in ("layer", "expert")}
+    results["be_only_granularity_overhead"] = overhead
+    print(json.dumps(overhead, indent=1), flush=True)
+
+    timing = layer_time(args.model)
+    ttft: dict[str, Any] = {"be_burst": "8 x 512-token prompts", **timing}
+    for policy, granularity in (
+        ("fcfs", "iteration"),
+        ("priority", "iteration"),
+        ("qllm", "layer"),
+        ("qllm", "expert"),
+    ):
+        r = ls_ttft_under_be_prefill(args.model, policy, granularity, args.trials)
+        r["added_over_idle_s"] = r["loaded_ttft_s"] - r["idle_ttft_s"]
+        r["added_in_layers"] = r["added_over_idle_s"] / timing["layer_s"]
+        ttft[f"{policy}:{granularity}"] = r
+        print(policy, granularity, json.dumps(r), flush=True)
+    results["ls_ttft_during_be_prefill"] = ttft
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

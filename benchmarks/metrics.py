@@ -1,0 +1,190 @@
+"""Metrics of one run, per class (LS, BE) and overall, from client-side timestamps of each request.
+
+Definitions (all times in seconds, measured by the client on one monotonic clock):
+
+- TTFT: first token received - request sent. Over the requests that received a token.
+- SLO attainment: the fraction of *all* requests of the class whose TTFT <= slo (inclusive); a request
+  that failed or never got a token counts as a miss, so overload cannot improve the score.
+- Turnaround (end to end): last token received - request sent. Over completed requests.
+- TPOT (time per output token): (last token - first token) / (output tokens - 1). Over completed
+  requests with at least two output tokens.
+- Duration: first request sent -> last completed request finished (the makespan).
+- Throughput: completed requests / duration and output tokens of completed requests / duration.
+
+Percentiles use linear interpolation between closest ranks, numpy's default (`method="linear"`,
+Hyndman & Fan type 7): sort the n values, take rank h = (n - 1) * q / 100 and interpolate between the
+values at floor(h) and ceil(h).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from benchmarks.workload import Priority
+
+
+class MetricsError(ValueError):
+    """Metrics were asked of data they are not defined on (an empty list, a quantile out of range)."""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0 <= q <= 100) by linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise MetricsError("percentile of no values is undefined; pass at least one value")
+    if not (isinstance(q, int | float) and 0 <= q <= 100):
+        raise MetricsError(f"percentile q must be in [0, 100], got {q!r}")
+    ordered = sorted(values)
+    h = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(h)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (h - lo) * (ordered[hi] - ordered[lo])
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Mean and percentiles of a sample."""
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution | None:
+        """The distribution of `values`; None when there are none."""
+        if not values:
+            return None
+        return cls(
+            count=len(values),
+            mean=math.fsum(values) / len(values),
+            p50=percentile(values, 50),
+            p90=percentile(values, 90),
+            p99=percentile(values, 99),
+            max=max(values),
+        )
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What the client saw of one request. Times are seconds since the run started."""
+
+    index: int
+    priority: Priority
+    scheduled_s: float
+    """When the workload said it should be sent."""
+    sent_s: float
+    """When it was sent (later than scheduled when the client falls behind)."""
+    first_token_s: float | None
+    finished_s: float | None
+    """When its last token arrived; None when it failed or did not finish in time."""
+    output_tokens: int
+    prompt_tokens: int | None
+    error: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        """True when it finished without error."""
+        return self.finished_s is not None and self.error is None
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token, None without one."""
+        return None if self.first_token_s is None else self.first_token_s - self.sent_s
+
+    @property
+    def turnaround_s(self) -> float | None:
+        """Send to last token, for completed requests."""
+        return self.finished_s - self.sent_s if self.completed and self.finished_s is not None else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time between output tokens, for completed requests with at least two."""
+        if not self.completed or self.output_tokens < 2 or self.first_token_s is None or self.finished_s is None:
+            return None
+        return (self.finished_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """One class's results."""
+
+    requests: int
+    completed: int
+    failed: int
+    """Failed or not finished in time."""
+    slo_attainment: float | None
+    """Fraction of this class's requests with TTFT <= slo; None when the class has no requests."""
+    ttft: Distribution | None
+    turnaround: Distribution | None
+    tpot: Distribution | None
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """The results of one run: per class, and throughput overall."""
+
+    slo_s: float
+    requests: int
+    completed: int
+    failed: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    max_send_lag_s: float
+    """Largest delay between a request's scheduled and actual send: how faithfully the load was offered."""
+    ls: ClassMetrics
+    be: ClassMetrics
+    errors: tuple[str, ...]
+    """Distinct error messages (at most 5)."""
+
+    def of(self, priority: Priority) -> ClassMetrics:
+        """The metrics of one class."""
+        return self.ls if priority == "ls" else self.be
+
+
+def class_metrics(records: Sequence[RequestRecord], slo_s: float) -> ClassMetrics:
+    """Metrics of one class's records (see the module docstring for the definitions)."""
+    ttfts = [t for r in records if (t := r.ttft_s) is not None]
+    done = [r for r in records if r.completed]
+    return ClassMetrics(
+        requests=len(records),
+        completed=len(done),
+        failed=len(records) - len(done),
+        slo_attainment=sum(1 for t in ttfts if t <= slo_s) / len(records) if records else None,
+        ttft=Distribution.of(ttfts),
+        turnaround=Distribution.of([t for r in done if (t := r.turnaround_s) is not None]),
+        tpot=Distribution.of([t for r in done if (t := r.tpot_s) is not None]),
+        output_tokens=sum(r.output_tokens for r in done),
+    )
+
+
+def summarize(records: Sequence[RequestRecord], slo_s: float) -> RunMetrics:
+    """Per-class and overall metrics of one run."""
+    if not (isinstance(slo_s, int | float) and math.isfinite(slo_s) and slo_s > 0):
+        raise MetricsError(f"slo_s must be a positive number of seconds, got {slo_s!r}")
+    if not records:
+        raise MetricsError("a run without requests has no metrics")
+    done = [r for r in records if r.completed]
+    start = min(r.sent_s for r in records)
+    end = max((r.finished_s for r in done if r.finished_s is not None), default=start)
+    duration = end - start
+    tokens = sum(r.output_tokens for r in done)
+    errors = sorted({r.error for r in records if r.error is not None})
+    return RunMetrics(
+        slo_s=float(slo_s),
+        requests=len(records),
+        completed=len(done),
+        failed=len(records) - len(done),
+        duration_s=duration,
+        requests_per_s=len(done) / duration if duration > 0 else 0.0,
+        output_tokens_per_s=tokens / duration if duration > 0 else 0.0,
+        max_send_lag_s=max(0.0, *(r.sent_s - r.scheduled_s for r in records)),
+        ls=class_metrics([r for r in records if r.priority == "ls"], slo_s),
+        be=class_metrics([r for r in records if r.priority == "be"], slo_s),
+        errors=tuple(errors[:5]),
+    )

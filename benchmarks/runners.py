@@ -1,0 +1,359 @@
+"""Runners: send a workload open-loop and record what the client sees of each request.
+
+Open loop: each request is sent at its scheduled arrival time whether or not earlier ones have finished,
+so a slow server faces a growing queue rather than a politely waiting client. Two runners share the
+driver in `Runner.run` and differ only in how one request is streamed:
+
+- `EngineRunner`: a `qllm_core.Engine` in this process (any policy and granularity).
+- `HttpRunner`: any OpenAI-compatible `/v1/completions` endpoint, streaming server-sent events.
+
+Prompts are sent as token ids when the workload has them (text otherwise); decoding is greedy. The
+in-process runner ignores EOS so each request produces exactly its `max_tokens`, as the paper's clients
+ask for a fixed number of tokens; an HTTP server does that only if told so (see `HttpSettings.extra_body`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.metrics import RequestRecord
+from benchmarks.workload import Priority, RequestSpec, Workload
+
+if TYPE_CHECKING:  # qllm_core (and torch) load only when an in-process run needs them
+    from qllm_core import Engine, EngineConfig
+
+API_PRIORITY: dict[Priority, str] = {"ls": "latency_sensitive", "be": "best_effort"}
+"""How a class is named on the wire (the `priority` field and the `x-qllm-priority` header)."""
+
+PRIORITY_HEADER = "x-qllm-priority"
+
+
+class BenchmarkError(RuntimeError):
+    """A runner cannot do its job (the server is unreachable, warm-up requests fail)."""
+
+
+class HttpSettingsError(ValueError):
+    """An HTTP runner setting is invalid; the message says what to change."""
+
+
+class EndpointError(RuntimeError):
+    """One HTTP request failed: a non-200 status, an error event or a stream cut short."""
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One streamed update of a request: its cumulative output token count (and prompt size when known)."""
+
+    output_tokens: int
+    prompt_tokens: int | None = None
+
+
+@dataclass
+class _Tracker:
+    """A request's timestamps as they arrive (mutable while it runs; frozen into a `RequestRecord`)."""
+
+    spec: RequestSpec
+    sent_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    finished_s: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    error: str | None = None
+
+    def record(self) -> RequestRecord:
+        spec = self.spec
+        return RequestRecord(
+            index=spec.index,
+            priority=spec.priority,
+            scheduled_s=spec.arrival_s,
+            sent_s=self.sent_s if self.sent_s is not None else spec.arrival_s,
+            first_token_s=self.first_token_s,
+            finished_s=self.finished_s if self.error is None else None,
+            output_tokens=self.output_tokens,
+            prompt_tokens=self.prompt_tokens if self.prompt_tokens is not None else spec.prompt_len,
+            error=self.error,
+        )
+
+
+class Runner(ABC):
+    """Sends workloads to one serving target. Use as `async with runner:`."""
+
+    label: str
+    """Names the target in reports (e.g. "qllm:layer")."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Acquire what the runner needs (an engine, an HTTP session); a second call does nothing."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release it; safe to call twice."""
+
+    @abstractmethod
+    def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
+        """Send one request and yield an event per streamed update; raise when the request fails."""
+
+    async def __aenter__(self) -> Runner:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def run(
+        self, workload: Workload, drain_timeout_s: float = 120.0, on_done: Callable[[], None] | None = None
+    ) -> list[RequestRecord]:
+        """Send every request at its arrival time; wait at most `drain_timeout_s` after the last send.
+
+        Requests still running then are cancelled (the server sees the client go away) and recorded as
+        failed, so a run is bounded in time however overloaded the target is.
+        """
+        origin = time.monotonic()
+        trackers = [_Tracker(spec) for spec in workload.requests]
+        tasks: list[asyncio.Task[None]] = []
+        for tracker in trackers:
+            delay = origin + tracker.spec.arrival_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self._send(tracker, origin, on_done)))
+        _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return [t.record() for t in trackers]
+
+    async def _send(self, tracker: _Tracker, origin: float, on_done: Callable[[], None] | None) -> None:
+        tracker.sent_s = time.monotonic() - origin
+        try:
+            async for event in self.stream(tracker.spec):
+                now = time.monotonic() - origin
+                if event.output_tokens > tracker.output_tokens:
+                    if tracker.first_token_s is None:
+                        tracker.first_token_s = now
+                    tracker.last_token_s = now
+                    tracker.output_tokens = event.output_tokens
+                if event.prompt_tokens is not None:
+                    tracker.prompt_tokens = event.prompt_tokens
+            if tracker.output_tokens == 0:
+                tracker.error = "the stream ended without any output token"
+            tracker.finished_s = tracker.last_token_s
+        except asyncio.CancelledError:
+            tracker.error = "not finished within the drain timeout"
+            raise
+        except Exception as exc:  # any failure of one request is data, not a reason to stop the run
+            tracker.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if on_done is not None:
+                on_done()
+
+    async def warmup(
+        self, requests: int = 2, prompt_len: int = 16, max_tokens: int = 4, token_range: tuple[int, int] = (3, 500)
+    ) -> None:
+        """Send a few small requests so first-call costs stay out of the measurements; fail loudly if they fail."""
+        if requests <= 0:
+            return
+        specs = _probe_specs(requests, prompt_len, max_tokens, token_range)
+        records = await self.run(Workload(specs, 1.0, "warmup"), drain_timeout_s=300.0)
+        failed = [r.error for r in records if not r.completed]
+        if failed:
+            raise BenchmarkError(f"{self.label}: {len(failed)} of {requests} warm-up requests failed: {failed[0]}")
+
+    async def measure_decode_iteration(
+        self, batch: int = 8, prompt_len: int = 64, max_tokens: int = 16, token_range: tuple[int, int] = (3, 500)
+    ) -> float:
+        """Time of one decode iteration: the median gap between consecutive tokens of `batch` requests
+        sent together (after their prefills they decode as one batch, one token each per iteration)."""
+        if batch < 1 or max_tokens < 2:
+            raise BenchmarkError("decode calibration needs batch >= 1 and max_tokens >= 2")
+        gaps: list[float] = []
+
+        async def one(spec: RequestSpec) -> None:
+            last_t: float | None = None
+            last_n = 0
+            async for event in self.stream(spec):
+                now = time.monotonic()
+                if event.output_tokens > last_n:
+                    if last_t is not None:
+                        # A chunk may carry several tokens; spread its gap over them.
+                        gaps.extend([(now - last_t) / (event.output_tokens - last_n)] * (event.output_tokens - last_n))
+                    last_t, last_n = now, event.output_tokens
+
+        try:
+            await asyncio.gather(*(one(s) for s in _probe_specs(batch, prompt_len, max_tokens, token_range)))
+        except Exception as exc:
+            raise BenchmarkError(f"{self.label}: decode calibration failed: {type(exc).__name__}: {exc}") from exc
+        if not gaps:
+            raise BenchmarkError(f"{self.label}: decode calibration saw no second token; is EOS ignored?")
+        return statistics.median(gaps)
+
+
+def _probe_specs(n: int, prompt_len: int, max_tokens: int, token_range: tuple[int, int]) -> tuple[RequestSpec, ...]:
+    rng = random.Random(1234)  # fixed: calibration must not depend on the workload's seed
+    return tuple(
+        RequestSpec(i, 0.0, "be", max_tokens, tuple(rng.randrange(*token_range) for _ in range(prompt_len)))
+        for i in range(n)
+    )
+
+
+class EngineRunner(Runner):
+    """Runs a `qllm_core.Engine` in this process; the engine is built on `start` and shut down on `close`."""
+
+    def __init__(self, config: EngineConfig, label: str | None = None) -> None:
+        self.config = config
+        self.label = label if label is not None else f"{config.policy}:{config.granularity}"
+        self._engine: Engine | None = None
+
+    async def start(self) -> None:
+        from qllm_core import Engine as _Engine
+
+        if self._engine is None:
+            self._engine = _Engine(self.config)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
+        """Stream one request through the engine (greedy, EOS ignored: exactly `max_tokens` tokens)."""
+        from qllm_core import SamplingParams
+
+        if self._engine is None:
+            raise BenchmarkError("the runner is not started; use `async with runner:`")
+        params = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
+        if spec.prompt_token_ids is not None:
+            outputs = self._engine.generate(
+                prompt_token_ids=list(spec.prompt_token_ids), params=params, priority=spec.priority
+            )
+        else:
+            outputs = self._engine.generate(prompt=spec.prompt_text, params=params, priority=spec.priority)
+        async for out in outputs:
+            yield StreamEvent(len(out.token_ids), out.prompt_token_count)
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Where and how to reach an OpenAI-compatible completions endpoint."""
+
+    endpoint: str
+    """Base URL ("http://host:8000"), or one ending in "/v1" or "/v1/completions"."""
+    model: str
+    """The `model` field of each request."""
+    label: str = "endpoint"
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    """Merged into every request body, e.g. {"ignore_eos": true} for servers that take it."""
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0
+    """Longest silence between two chunks of one stream before that request fails."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.startswith(("http://", "https://")):
+            raise HttpSettingsError(f"endpoint must be an http:// or https:// URL, got {self.endpoint!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise HttpSettingsError("model must be a non-empty string (the server's model name)")
+        reserved = {"model", "prompt", "max_tokens", "stream", "priority"} & set(self.extra_body)
+        if reserved:
+            raise HttpSettingsError(f"extra_body may not set {sorted(reserved)}: the runner sets them per request")
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise HttpSettingsError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @property
+    def url(self) -> str:
+        """The full completions URL."""
+        base = self.endpoint.rstrip("/")
+        if base.endswith("/v1/completions"):
+            return base
+        if base.endswith("/v1"):
+            return base + "/completions"
+        return base + "/v1/completions"
+
+
+class HttpRunner(Runner):
+    """Streams `POST /v1/completions` requests; the class goes in the body's `priority` field and the
+    `x-qllm-priority` header ("latency_sensitive" or "best_effort").
+
+    Each server-sent `data:` chunk carrying a choice counts as one output token (qllm, vLLM and TGI stream
+    one token per chunk); a chunk's `usage.completion_tokens`, when present, overrides the count.
+    """
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.settings = settings
+        self.label = settings.label
+        self._session: Any = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.settings.connect_timeout_s, sock_read=self.settings.read_timeout_s
+            )
+            # limit=0: no client-side connection cap, which would otherwise queue requests and close the loop.
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
+        """Stream one request over HTTP; raises `EndpointError` on a non-200 status or a broken stream."""
+        if self._session is None:
+            raise BenchmarkError("the runner is not started; use `async with runner:`")
+        priority = API_PRIORITY[spec.priority]
+        body: dict[str, Any] = {
+            "model": self.settings.model,
+            "prompt": spec.prompt,
+            "max_tokens": spec.max_tokens,
+            "temperature": 0.0,
+            **self.settings.extra_body,
+            "stream": True,
+            "priority": priority,
+        }
+        async with self._session.post(self.settings.url, json=body, headers={PRIORITY_HEADER: priority}) as resp:
+            if resp.status != 200:
+                text = await resp.text()
+                raise EndpointError(f"HTTP {resp.status} from {self.settings.url}: {text[:300]}")
+            count = 0
+            async for raw in resp.content:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue  # SSE comments, event names and the blank separators
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    return
+                chunk = _parse_chunk(data)
+                if chunk.get("choices"):
+                    count += 1
+                usage = chunk.get("usage") or {}
+                if isinstance(usage.get("completion_tokens"), int):
+                    count = max(count, usage["completion_tokens"])
+                prompt_tokens = usage.get("prompt_tokens")
+                yield StreamEvent(count, prompt_tokens if isinstance(prompt_tokens, int) else None)
+            raise EndpointError("the stream ended without 'data: [DONE]'")
+
+
+def _parse_chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError:
+        raise EndpointError(f"a stream chunk is not JSON: {data[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise EndpointError(f"a stream chunk is not a JSON object: {data[:200]!r}")
+    if "error" in chunk:
+        raise EndpointError(f"the server reported an error mid-stream: {json.dumps(chunk['error'])[:300]}")
+    return chunk

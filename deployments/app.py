@@ -1,0 +1,50 @@
+"""The application builder named in serve_config.yaml: YAML `args` -> validated settings -> deployments."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Deployment
+
+from deployments.ingress import Ingress
+from deployments.replica import EngineReplica
+from deployments.request_router import QllmRequestRouter
+from deployments.router import PriorityRouter
+from deployments.settings import AppSettings
+
+# Engines batch internally, so a replica takes many concurrent streams.
+_MAX_ONGOING_PER_REPLICA = 512
+
+
+def _deployment(cls: type, **options: Any) -> Deployment:
+    return cast(Deployment, serve.deployment(cls)).options(name=cls.__name__, **options)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Build the qllm application from serve_config.yaml's `args` (see the README's config reference)."""
+    settings = AppSettings.from_dict(args)
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": settings.autoscaling} if settings.autoscaling else {"num_replicas": settings.replicas}
+    )
+    router_config = RequestRouterConfig(
+        request_router_class=QllmRequestRouter,  # type: ignore[arg-type]
+        request_routing_stats_period_s=settings.stats_period_s,  # type: ignore[arg-type]
+    )
+    router = _deployment(
+        PriorityRouter, num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
+    ).bind(settings)
+    engine = _deployment(
+        EngineReplica,
+        max_ongoing_requests=_MAX_ONGOING_PER_REPLICA,
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        request_router_config=router_config,
+        health_check_period_s=2,
+        health_check_timeout_s=10,
+        graceful_shutdown_timeout_s=5,
+        **scaling,
+    ).bind(settings, router)
+    ingress = _deployment(Ingress, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(settings, engine, router)

@@ -1,0 +1,100 @@
+"""Application settings: what serve_config.yaml's `args` hold, validated once, mapped onto qllm_core's config.
+
+The engine's defaults live in `qllm_core.config.EngineConfig`; this module only adds what the
+deployment itself decides (replicas, SLOs, routing, admission, HTTP limits) and has one home for those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qllm_core.config import EngineConfig
+from qllm_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything `serve run serve_config.yaml` configures, beyond Ray Serve's own fields."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine settings (model, dtype, device, policy, granularity, KV capacity, aging bound, ...)."""
+    model_name: str = ""
+    """Name served at /v1/models and expected in requests' `model`; empty takes the engine's model."""
+    replicas: int = 2
+    """Engine replicas (one device each); ignored when autoscaling is set."""
+    num_gpus: float = 0.0
+    """GPUs per engine replica (ray_actor_options.num_gpus); 0 on CPU."""
+    num_cpus: float = 1.0
+    """CPUs reserved per engine replica."""
+    autoscaling: dict[str, Any] | None = None
+    """Ray Serve autoscaling_config for the engine replicas (min_replicas, max_replicas, ...), or None."""
+    ls_ttft_slo_s: float = 1.0
+    """LS time-to-first-token objective."""
+    be_ttft_slo_s: float = 30.0
+    """BE time-to-first-token objective (tracked, not enforced)."""
+    slo_target: float = 0.99
+    """Fraction of requests that must meet the SLO; below it a replica counts as at risk."""
+    slo_window: int = 200
+    """Recent requests per replica and class over which attainment is computed."""
+    be_hold_max_s: float = 5.0
+    """Longest the router holds a BE request back (its aging bound at the router)."""
+    max_queued_be: int = 256
+    """BE requests the router may hold; more get 429 with Retry-After."""
+    max_queued_ls: int = 1024
+    """LS requests waiting for a prefill across all replicas; beyond it LS too gets 429."""
+    stats_period_s: float = 0.5
+    """How often replicas report their load."""
+    max_body_bytes: int = 1_000_000
+    """Largest accepted request body."""
+    placement_attempts: int = 3
+    """Replicas tried for a request that has no token yet when its replica dies."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.engine, EngineConfig):
+            raise ConfigError("engine must be an EngineConfig (use AppSettings.from_dict for YAML)")
+        _positive_int(
+            self, "replicas", "slo_window", "max_queued_be", "max_queued_ls", "max_body_bytes", "placement_attempts"
+        )
+        _positive_float(self, "ls_ttft_slo_s", "be_ttft_slo_s", "be_hold_max_s", "stats_period_s", "num_cpus")
+        if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int | float) or self.num_gpus < 0:
+            raise ConfigError(f"num_gpus={self.num_gpus!r} must be a number >= 0")
+        if not 0 < self.slo_target <= 1:
+            raise ConfigError(f"slo_target={self.slo_target} must be in (0, 1]")
+        if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
+            raise ConfigError("autoscaling must be a mapping of Ray Serve autoscaling_config fields")
+
+    @property
+    def served_model_name(self) -> str:
+        """The model name clients use."""
+        return self.model_name or self.engine.model
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> AppSettings:
+        """Build from serve_config.yaml `args`; unknown keys (here or under `engine`) are errors."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown application setting(s) {unknown}; known settings: {sorted(known)}")
+        engine = values.pop("engine", None) or {}
+        if not isinstance(engine, Mapping):
+            raise ConfigError("engine must be a mapping of engine settings")
+        return cls(engine=EngineConfig.from_dict(engine), **values)
+
+
+def _positive_int(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def _positive_float(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive number")

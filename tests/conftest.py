@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random checkpoints of every supported family, saved and loaded like real ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+
+from qllm_core.engine_core import EngineCore
+from qllm_core.models.builtin import build_tokenizer
+from qllm_core.request import RequestOutput
+
+VOCAB = 384
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.15,
+    tie_word_embeddings=False,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+
+def _mixtral() -> PreTrainedModel:
+    return MixtralForCausalLM(
+        MixtralConfig(**COMMON, intermediate_size=64, num_local_experts=6, num_experts_per_tok=2, sliding_window=None)
+    )
+
+
+def _qwen2_moe() -> PreTrainedModel:
+    # Layer 1 is dense (mlp_only_layers); every MoE layer has a gated shared expert.
+    return Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=6,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            qkv_bias=True,
+        )
+    )
+
+
+def _olmoe() -> PreTrainedModel:
+    return OlmoeForCausalLM(
+        OlmoeConfig(**COMMON, intermediate_size=64, num_experts=6, num_experts_per_tok=2, clip_qkv=4.0)
+    )
+
+
+FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "olmoe": _olmoe}
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved random checkpoint (with a real tokenizer) per supported family."""
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = build_tokenizer(VOCAB)
+    paths = {}
+    for name, make in FAMILIES.items():
+        torch.manual_seed(1234)
+        model = make()
+        model.generation_config.eos_token_id = 0
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[[Path, torch.dtype, list[int], int], list[int]]:
+    """Greedy continuation by transformers' own `generate` (eager experts, batch of one, EOS stops it)."""
+    models: dict[tuple[Path, torch.dtype], PreTrainedModel] = {}
+
+    def generate(path: Path, dtype: torch.dtype, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        if (path, dtype) not in models:
+            models[(path, dtype)] = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, experts_implementation="eager"
+            ).eval()
+        out = models[(path, dtype)].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        return [int(t) for t in out[0, len(prompt_ids) :]]
+
+    return generate
+
+
+def drain(core: EngineCore, max_steps: int = 100_000) -> dict[str, RequestOutput]:
+    """Step an engine core until it is idle; returns each request's final output."""
+    finals: dict[str, RequestOutput] = {}
+    for _ in range(max_steps):
+        if not core.has_work():
+            return finals
+        for out in core.step():
+            if out.finished:
+                finals[out.request_id] = out
+    raise AssertionError(f"engine still busy after {max_steps} steps: {core.stats()}")

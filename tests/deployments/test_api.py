@@ -1,0 +1,149 @@
+"""The OpenAI-compatible API over real HTTP, and the official `openai` client against it."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_completion_non_streaming_with_usage(serve_app: str) -> None:
+    r = httpx.post(
+        f"{serve_app}/v1/completions",
+        json={"model": "qllm-tiny", "prompt": "hello", "max_tokens": 7, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 7 and body["usage"]["prompt_tokens"] > 0
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 7
+
+
+def test_greedy_completion_is_deterministic_across_replicas(serve_app: str) -> None:
+    req = {"prompt": "the same prompt", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    texts = {
+        httpx.post(f"{serve_app}/v1/completions", json=req, timeout=60).json()["choices"][0]["text"] for _ in range(6)
+    }
+    assert len(texts) == 1
+
+
+def test_completion_streaming_ends_with_done(serve_app: str) -> None:
+    req = {
+        "prompt": [5, 6, 7],
+        "max_tokens": 5,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{serve_app}/v1/completions", json=req, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_applies_the_template_streaming_and_not(serve_app: str) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = httpx.post(
+        f"{serve_app}/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "ignore_eos": True}, timeout=60
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    # The template wraps each turn in <|im_start|>role ... <|im_end|>: far more tokens than the raw text.
+    assert body["usage"]["prompt_tokens"] > 10
+    with httpx.stream(
+        "POST",
+        f"{serve_app}/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 4, "stream": True, "ignore_eos": True},
+        timeout=60,
+    ) as s:
+        events = sse_events(s)
+    first = json.loads(events[0])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == body["choices"][0]["message"]["content"] or len(text) > 0
+
+
+def test_official_openai_client(serve_app: str) -> None:
+    client = openai.OpenAI(base_url=f"{serve_app}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["qllm-tiny"]
+    completion = client.completions.create(
+        model="qllm-tiny", prompt="hi", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == 4
+    stream = client.chat.completions.create(
+        model="qllm-tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        stream=True,
+        extra_body={"priority": "be", "ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+
+
+def test_priority_from_header_and_body(serve_app: str) -> None:
+    for kwargs in ({"headers": {"x-qllm-priority": "be"}}, {"json_extra": {"priority": "latency_sensitive"}}):
+        body = {"prompt": "x", "max_tokens": 2, **kwargs.get("json_extra", {})}
+        r = httpx.post(f"{serve_app}/v1/completions", json=body, headers=kwargs.get("headers"), timeout=60)
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b'{"prompt": "x", "max_tokens": -5}', 400, "max_tokens"),
+        (b'{"prompt": "x", "temperature": 9}', 400, "temperature"),
+        (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+        (b'{"prompt": ""}', 400, "prompt"),
+        (b'{"prompt": "x", "priority": "urgent"}', 400, "priority"),
+        (b'{"prompt": "x", "bogus_field": 1}', 400, "bogus_field"),
+        (b'{"prompt": "x", "n": 3}', 400, "n"),
+        (b'{"prompt": "x", "model": "nope"}', 404, "model"),
+        (b'{"prompt": [5], "max_tokens": 4096}', 413, "max_tokens"),
+        (
+            b'{"prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}',
+            400,
+            "stop",
+        ),
+        (b'{"prompt": "\xff\xfe"}', 400, None),
+    ],
+)
+def test_bad_requests_get_openai_errors(serve_app: str, body: bytes, status: int, param: str | None) -> None:
+    r = httpx.post(
+        f"{serve_app}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    ok = httpx.post(f"{serve_app}/v1/completions", json={"prompt": "fine", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_prompt_longer_than_context_is_413(serve_app: str) -> None:
+    r = httpx.post(f"{serve_app}/v1/completions", json={"prompt": [5] * 5000, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "prompt"
+
+
+def test_health_and_models(serve_app: str) -> None:
+    assert httpx.get(f"{serve_app}/health", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(f"{serve_app}/v1/models", timeout=10).json()["data"][0]["id"] == "qllm-tiny"
+    assert httpx.get(f"{serve_app}/v1/nothing", timeout=10).status_code == 404

@@ -1,0 +1,91 @@
+"""The engine's greedy output is token for token transformers' own, for every family, with and without preemption.
+
+Mixed-load runs use float64 so that batch-shape-dependent rounding (a 1e-16 effect) can never flip an
+argmax; the default tiny model is also checked in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from qllm_core import EngineConfig, SamplingParams
+from qllm_core.engine_core import EngineCore
+from tests.conftest import FAMILIES, drain
+
+PROMPTS = [
+    [5, 17, 99, 250, 3, 3, 42],
+    [7],
+    list(range(20, 80)),
+    [300, 12, 12, 12, 8, 190, 77, 31, 2, 64, 128, 256, 11, 13],
+    list(range(100, 300, 3)),
+]
+MAX_NEW = 12
+
+Reference = Callable[[Path, torch.dtype, list[int], int], list[int]]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_alone_matches_transformers(family: str, family_checkpoints: dict[str, Path], reference: Reference) -> None:
+    path = family_checkpoints[family]
+    core = EngineCore(EngineConfig(model=str(path), dtype="float64", device="cpu", granularity="expert"))
+    for i, prompt in enumerate(PROMPTS):
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), "ls")
+        out = drain(core)[f"r{i}"]
+        assert list(out.token_ids) == reference(path, torch.float64, prompt, MAX_NEW), f"prompt {i}"
+
+
+def _mixed_load(core: EngineCore) -> dict[str, list[int]]:
+    """BE prompts start first; LS prompts arrive while BE passes are mid-flight, so they preempt."""
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    prompts: dict[str, list[int]] = {}
+    for i in (2, 4, 3):
+        prompts[f"be{i}"] = PROMPTS[i]
+        core.add_request(f"be{i}", PROMPTS[i], params, "be")
+    for step in range(40):
+        if step in (1, 5, 9, 17, 30):
+            rid = f"ls{step}"
+            prompts[rid] = PROMPTS[step % len(PROMPTS)]
+            core.add_request(rid, prompts[rid], params, "ls")
+        core.step()
+    return prompts
+
+
+@pytest.mark.parametrize("granularity", ["layer", "expert"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mixed_load_with_preemption_matches_transformers(
+    family: str, granularity: str, family_checkpoints: dict[str, Path], reference: Reference
+) -> None:
+    path = family_checkpoints[family]
+    core = EngineCore(
+        EngineConfig(model=str(path), dtype="float64", device="cpu", policy="qllm", granularity=granularity)
+    )
+    prompts = _mixed_load(core)
+    finals = drain(core)
+    assert core.stats().preemptions > 0, "the workload must actually preempt BE passes"
+    for rid, prompt in prompts.items():
+        assert list(finals[rid].token_ids) == reference(path, torch.float64, prompt, MAX_NEW), rid
+
+
+def test_merged_passes_match_transformers(family_checkpoints: dict[str, Path], reference: Reference) -> None:
+    path = family_checkpoints["mixtral"]
+    core = EngineCore(
+        EngineConfig(model=str(path), dtype="float64", device="cpu", granularity="layer", merge_ls_into_be=True)
+    )
+    prompts = _mixed_load(core)
+    finals = drain(core)
+    assert core.stats().merges > 0, "an LS pass must have joined a suspended BE pass"
+    for rid, prompt in prompts.items():
+        assert list(finals[rid].token_ids) == reference(path, torch.float64, prompt, MAX_NEW), rid
+
+
+def test_default_tiny_model_float32_under_preemption(reference: Reference) -> None:
+    core = EngineCore(EngineConfig(model="tiny", dtype="float32", device="cpu", granularity="expert"))
+    prompts = _mixed_load(core)
+    finals = drain(core)
+    assert core.stats().preemptions > 0
+    for rid, prompt in prompts.items():
+        assert list(finals[rid].token_ids) == reference(core.loaded.path, torch.float32, prompt, MAX_NEW), rid

@@ -1,0 +1,113 @@
+"""Policies decide on hand-built views: no model, no tensors."""
+
+from __future__ import annotations
+
+from qllm_core.config import Granularity, SchedulerConfig
+from qllm_core.request import PriorityClass, Request, RequestState, SamplingParams
+from qllm_core.scheduler import POLICIES, PassInfo, SchedulerView
+
+LS, BE = PriorityClass.LATENCY_SENSITIVE, PriorityClass.BEST_EFFORT
+CONFIG = SchedulerConfig(
+    "qllm", Granularity.LAYER, max_batch_size=4, max_batched_tokens=100, be_max_wait_s=5.0, merge_ls_into_be=False
+)
+
+
+def req(rid: str, cls: PriorityClass, arrival: float, prompt: int = 10, decoding: bool = False) -> Request:
+    r = Request(rid, list(range(prompt)), SamplingParams(), cls, arrival)
+    if decoding:
+        r.output_token_ids.append(1)
+        r.times.tokens.append(arrival)
+        r.num_cached_tokens = prompt
+        r.state = RequestState.READY
+    return r
+
+
+def view(
+    requests: list[Request],
+    now: float = 1.0,
+    free_blocks: int = 100,
+    running: PassInfo | None = None,
+    suspended: PassInfo | None = None,
+) -> SchedulerView:
+    waiting = {c: [r for r in requests if r.priority is c and r.state is RequestState.WAITING] for c in PriorityClass}
+    ready = {c: [r for r in requests if r.priority is c and r.state is RequestState.READY] for c in PriorityClass}
+    return SchedulerView(now, waiting, ready, free_blocks, lambda r: 1, running, suspended)
+
+
+def running_pass(classes: set[PriorityClass], ls_prefill: bool = False, held: float = 0.0) -> PassInfo:
+    return PassInfo(frozenset(classes), ls_prefill, held, layer=2, at_layer_boundary=True)
+
+
+def plan_ids(policy: str, v: SchedulerView) -> list[str]:
+    plan = POLICIES[policy](CONFIG).next_batch(v)
+    return [] if plan is None else list(plan.request_ids)
+
+
+def test_fcfs_is_arrival_order_and_blind_to_class() -> None:
+    rs = [req("be1", BE, 0.1), req("ls1", LS, 0.2), req("be2", BE, 0.3)]
+    assert plan_ids("fcfs", view(rs)) == ["be1", "ls1", "be2"]
+
+
+def test_fcfs_stops_at_the_first_misfit() -> None:
+    rs = [req("big", BE, 0.1, prompt=60), req("huge", BE, 0.2, prompt=60), req("small", LS, 0.3, prompt=5)]
+    assert plan_ids("fcfs", view(rs)) == ["big"]
+
+
+def test_priority_orders_by_class_and_never_preempts() -> None:
+    rs = [req("be1", BE, 0.1), req("ls1", LS, 0.2), req("bed", BE, 0.0, decoding=True)]
+    assert plan_ids("priority", view(rs)) == ["bed", "ls1", "be1"]
+    policy = POLICIES["priority"](CONFIG)
+    assert not policy.should_preempt(view(rs, running=running_pass({BE})))
+
+
+def test_qllm_ls_prefill_batch_is_filled_with_be_decodes_only() -> None:
+    rs = [
+        req("be1", BE, 0.1),
+        req("ls1", LS, 0.2),
+        req("bed", BE, 0.0, decoding=True),
+        req("lsd", LS, 0.0, decoding=True),
+    ]
+    assert plan_ids("qllm", view(rs)) == ["ls1", "lsd", "bed"]
+
+
+def test_qllm_without_ls_prompts_runs_a_continuous_batch_ls_first() -> None:
+    rs = [req("be1", BE, 0.1), req("bed", BE, 0.0, decoding=True), req("lsd", LS, 0.05, decoding=True)]
+    assert plan_ids("qllm", view(rs)) == ["lsd", "bed", "be1"]
+
+
+def test_qllm_deadlines_order_ls_prompts() -> None:
+    late, urgent = req("late", LS, 0.1), req("urgent", LS, 0.2)
+    urgent.ttft_deadline_s = 0.05
+    assert plan_ids("qllm", view([late, urgent]))[:2] == ["urgent", "late"]
+
+
+def test_qllm_preempts_be_only_for_waiting_ls_prompts() -> None:
+    policy = POLICIES["qllm"](CONFIG)
+    ls_prompt, ls_decode = req("ls", LS, 0.5), req("lsd", LS, 0.5, decoding=True)
+    assert policy.should_preempt(view([ls_prompt], running=running_pass({BE})))
+    assert not policy.should_preempt(view([ls_decode], running=running_pass({BE})))
+    assert not policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=True)))
+    assert policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=False)))
+
+
+def test_qllm_aging_stops_preemption_and_puts_be_first() -> None:
+    policy = POLICIES["qllm"](CONFIG)
+    ls_prompt = req("ls", LS, 9.9)
+    assert not policy.should_preempt(view([ls_prompt], now=10.0, running=running_pass({BE}, held=6.0)))
+    old_be = req("old", BE, 0.0)
+    assert plan_ids("qllm", view([ls_prompt, old_be], now=10.0)) == ["old", "ls"]
+    assert policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=6.0)))
+    assert not policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=1.0)))
+
+
+def test_batch_limits_and_kv_headroom_are_respected() -> None:
+    rs = [req(f"be{i}", BE, i * 0.1, prompt=30) for i in range(6)]
+    assert plan_ids("qllm", view(rs)) == ["be0", "be1", "be2"]  # 3 x 30 tokens; a 4th would pass 100
+    assert plan_ids("qllm", view(rs, free_blocks=2)) == ["be0", "be1"]
+    lone = [req("long", BE, 0.0, prompt=500)]
+    assert plan_ids("fcfs", view(lone)) == ["long"], "a prompt over the token limit still runs, alone"
+
+
+def test_registry_names_match_classes() -> None:
+    assert sorted(POLICIES) == ["fcfs", "priority", "qllm"]
+    assert all(cls.name == name for name, cls in POLICIES.items())

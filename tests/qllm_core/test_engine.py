@@ -1,0 +1,165 @@
+"""The async front: streaming, many concurrent callers, abort and cancellation, bad input, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from qllm_core import (
+    DuplicateRequestError,
+    Engine,
+    EngineConfig,
+    EngineStoppedError,
+    FinishReason,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestOutput,
+    SamplingParams,
+)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    e = Engine(EngineConfig(model="tiny", device="cpu", dtype="float32"))
+    yield e
+    e.shutdown()
+
+
+async def collect(it: object) -> list[RequestOutput]:
+    return [out async for out in it]  # type: ignore[attr-defined]
+
+
+async def wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_streams_cumulative_outputs_until_finished(engine: Engine) -> None:
+    outs = await collect(
+        engine.generate(prompt="hello", params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    )
+    assert [len(o.token_ids) for o in outs] == list(range(1, 9))
+    assert all(not o.finished for o in outs[:-1]) and outs[-1].finished
+    assert outs[-1].finish_reason is FinishReason.LENGTH
+    assert outs[-1].text == engine.tokenizer.decode(list(outs[-1].token_ids), skip_special_tokens=True)
+    assert outs[-1].ttft_s is not None and outs[-1].ttft_s > 0
+
+
+async def test_greedy_is_deterministic_and_seeded_sampling_repeats(engine: Engine) -> None:
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    a = await collect(engine.generate(prompt="the fox", params=greedy))
+    b = await collect(engine.generate(prompt_token_ids=engine.tokenizer("the fox").input_ids, params=greedy))
+    assert a[-1].token_ids == b[-1].token_ids
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
+    c = await collect(engine.generate(prompt="the fox", params=seeded))
+    d = await collect(engine.generate(prompt="the fox", params=seeded))
+    assert c[-1].token_ids == d[-1].token_ids
+
+
+async def test_stop_strings_cut_the_text_and_finish_with_stop(engine: Engine) -> None:
+    free = await collect(engine.generate(prompt="hi", params=SamplingParams(max_tokens=12, temperature=0.0)))
+    text = free[-1].text
+    assert len(text) >= 4
+    stop = text[2:4]
+    outs = await collect(
+        engine.generate(prompt="hi", params=SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))
+    )
+    assert outs[-1].finish_reason is FinishReason.STOP
+    assert stop not in outs[-1].text and text.startswith(outs[-1].text)
+    assert all(stop not in o.text for o in outs)
+
+
+async def test_many_concurrent_callers_of_both_classes(engine: Engine) -> None:
+    async def one(i: int) -> RequestOutput:
+        params = SamplingParams(max_tokens=5 + i % 7, temperature=0.0, ignore_eos=True)
+        outs = await collect(
+            engine.generate(prompt=f"request number {i}", params=params, priority="ls" if i % 3 else "be")
+        )
+        return outs[-1]
+
+    finals = await asyncio.gather(*(one(i) for i in range(40)))
+    assert [len(f.token_ids) for f in finals] == [5 + i % 7 for i in range(40)]
+    await wait_for(lambda: engine.stats().kv_used_blocks == 0)
+    stats = engine.stats()
+    assert stats.classes["latency_sensitive"].recent_ttft_s and stats.classes["best_effort"].recent_ttft_s
+
+
+async def test_abort_frees_the_kv_and_ends_the_stream(engine: Engine) -> None:
+    stream = engine.generate(
+        prompt="abort me", params=SamplingParams(max_tokens=2000, ignore_eos=True), request_id="to-abort"
+    )
+    first = await stream.__anext__()
+    assert not first.finished and engine.stats().kv_used_blocks > 0
+    assert await engine.abort("to-abort")
+    rest = [o async for o in stream]
+    assert rest and rest[-1].finished and rest[-1].finish_reason is FinishReason.ABORT
+    await wait_for(lambda: engine.stats().kv_used_blocks == 0, timeout=1.0)
+    assert not await engine.abort("to-abort"), "a finished request is unknown"
+
+
+async def test_a_caller_that_stops_listening_has_its_request_aborted(engine: Engine) -> None:
+    stream = engine.generate(prompt="walk away", params=SamplingParams(max_tokens=2000, ignore_eos=True))
+    await stream.__anext__()
+    await stream.aclose()  # type: ignore[attr-defined]
+    await wait_for(lambda: engine.stats().kv_used_blocks == 0, timeout=1.0)
+    assert sum(c.running + c.ready + c.waiting for c in engine.stats().classes.values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "param"),
+    [
+        ({"prompt": ""}, InvalidRequestError, "prompt"),
+        ({}, InvalidRequestError, "prompt"),
+        ({"prompt": "a", "prompt_token_ids": [1]}, InvalidRequestError, "prompt"),
+        ({"prompt_token_ids": []}, InvalidRequestError, "prompt"),
+        ({"prompt_token_ids": [10**6]}, InvalidRequestError, "prompt"),
+        ({"prompt_token_ids": ["a"]}, InvalidRequestError, "prompt"),
+        ({"prompt": "a", "priority": "urgent"}, InvalidRequestError, "priority"),
+        ({"prompt": "a", "ttft_deadline_s": -1}, InvalidRequestError, "ttft_deadline_s"),
+        ({"prompt_token_ids": [5] * 5000}, PromptTooLongError, "prompt"),
+        ({"prompt": "a", "params": SamplingParams(max_tokens=4096)}, PromptTooLongError, "max_tokens"),
+        ({"prompt": "a", "params": SamplingParams(stop_token_ids=[100000])}, InvalidRequestError, "stop_token_ids"),
+    ],
+)
+async def test_bad_input_gets_a_typed_error_and_the_engine_keeps_serving(
+    engine: Engine, kwargs: dict[str, object], error: type[Exception], param: str
+) -> None:
+    with pytest.raises(error) as info:
+        await collect(engine.generate(**kwargs))  # type: ignore[arg-type]
+    assert info.value.param == param  # type: ignore[attr-defined]
+    outs = await collect(engine.generate(prompt="still here", params=SamplingParams(max_tokens=3, ignore_eos=True)))
+    assert len(outs[-1].token_ids) == 3
+
+
+async def test_duplicate_request_id_is_refused_while_in_flight(engine: Engine) -> None:
+    stream = engine.generate(prompt="one", params=SamplingParams(max_tokens=500, ignore_eos=True), request_id="dup")
+    await stream.__anext__()
+    with pytest.raises(DuplicateRequestError, match="already in use"):
+        await collect(engine.generate(prompt="two", request_id="dup"))
+    await engine.abort("dup")
+    await collect(stream)
+
+
+async def test_metrics_are_recorded_per_class(engine: Engine) -> None:
+    await collect(engine.generate(prompt="m", params=SamplingParams(max_tokens=2), priority="be"))
+    samples = {
+        (s.name, s.labels.get("priority_class")): s.value for m in engine.metrics.registry.collect() for s in m.samples
+    }
+    assert samples[("qllm_time_to_first_token_seconds_count", "best_effort")] >= 1
+    assert samples[("qllm_requests_finished_total", "best_effort")] >= 1
+
+
+async def test_shutdown_ends_streams_and_refuses_new_work() -> None:
+    e = Engine(EngineConfig(model="tiny", device="cpu"))
+    stream = e.generate(prompt="long", params=SamplingParams(max_tokens=3000, ignore_eos=True))
+    await stream.__anext__()
+    e.shutdown()
+    with pytest.raises(EngineStoppedError):
+        await collect(stream)
+    with pytest.raises(EngineStoppedError):
+        await collect(e.generate(prompt="late"))

@@ -1,0 +1,138 @@
+"""Sub-iteration preemption: a BE pass stops at a layer or expert boundary and resumes exactly there."""
+
+from __future__ import annotations
+
+from qllm_core import EngineConfig, SamplingParams
+from qllm_core.engine_core import EngineCore
+from qllm_core.forward import ForwardPass, Stage
+from tests.conftest import drain
+
+LONG = [(i * 37) % 500 + 3 for i in range(600)]
+SHORT = [11, 22, 33]
+GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+
+def _core(**kw: object) -> EngineCore:
+    return EngineCore(EngineConfig.from_dict({"model": "tiny", "device": "cpu", **kw}))
+
+
+def _assert_each_unit_ran_once(p: ForwardPass, num_layers: int) -> None:
+    assert p.done
+    assert set(p.executed.values()) == {1}, {k: v for k, v in p.executed.items() if v != 1}
+    for stage in (Stage.ATTENTION, Stage.ROUTE, Stage.COMBINE):
+        assert sorted(layer for layer, s, _ in p.executed if s is stage) == list(range(num_layers))
+
+
+def test_layer_preempted_pass_resumes_at_the_same_layer() -> None:
+    core = _core(granularity="layer", policy="qllm")
+    core.add_request("be", LONG, GREEDY, "be")
+    for _ in range(3):  # embed, layer 0, layer 1
+        core.step()
+    be_pass = core.active
+    assert be_pass is not None and (be_pass.stage, be_pass.layer) == (Stage.ATTENTION, 2)
+    executed_before = sum(be_pass.executed.values())
+
+    core.add_request("ls", SHORT, GREEDY, "ls")
+    first_ls_token = None
+    while first_ls_token is None:
+        outs = core.step()
+        first_ls_token = next((o for o in outs if o.request_id == "ls"), None)
+        # While the LS pass runs, the BE pass stays frozen where it stopped.
+        if core.active is not be_pass:
+            assert core.suspended == [be_pass]
+            assert (be_pass.stage, be_pass.layer) == (Stage.ATTENTION, 2)
+            assert sum(be_pass.executed.values()) == executed_before
+    assert not be_pass.done, "the LS request got its token before the BE prefill finished"
+    assert core.requests["be"].preemptions == 1
+
+    finals = drain(core)
+    _assert_each_unit_ran_once(be_pass, core.model.num_layers)
+    reference = _core(granularity="iteration", policy="fcfs")
+    reference.add_request("be", LONG, GREEDY, "be")
+    assert finals["be"].token_ids == drain(reference)["be"].token_ids
+
+
+def test_expert_preempted_pass_resumes_at_the_next_expert() -> None:
+    core = _core(granularity="expert", policy="qllm")
+    core.add_request("be", LONG, GREEDY, "be")
+    while core.active is None or core.active.stage is not Stage.EXPERT or core.active.layer != 1:
+        core.step()
+    core.step()  # one expert of layer 1 done, more to go
+    be_pass = core.active
+    assert be_pass is not None and be_pass.stage is Stage.EXPERT
+    position = (be_pass.layer, be_pass.stage)
+    executed_before = dict(be_pass.executed)
+
+    core.add_request("ls", SHORT, GREEDY, "ls")
+    core.step()
+    assert core.suspended == [be_pass] and core.active is not be_pass
+    while "ls" in core.requests and not core.requests["ls"].output_token_ids:
+        core.step()
+        if be_pass in core.suspended:
+            assert (be_pass.layer, be_pass.stage) == position
+            assert dict(be_pass.executed) == executed_before
+
+    finals = drain(core)
+    _assert_each_unit_ran_once(be_pass, core.model.num_layers)
+    reference = _core(granularity="iteration", policy="fcfs")
+    reference.add_request("be", LONG, GREEDY, "be")
+    assert finals["be"].token_ids == drain(reference)["be"].token_ids
+
+
+def _first_token_order(policy: str, granularity: str) -> list[str]:
+    core = _core(granularity=granularity, policy=policy)
+    core.add_request("be", LONG, GREEDY, "be")
+    outputs = core.step()  # the BE prefill is under way (or, at iteration granularity, done)
+    core.add_request("ls", SHORT, GREEDY, "ls")
+    order: list[str] = []
+    while outputs or core.has_work():
+        for out in outputs:
+            if len(out.token_ids) == 1:
+                order.append(out.request_id)
+        outputs = core.step()
+    return order
+
+
+def test_ls_during_long_be_prefill_gets_its_first_token_first() -> None:
+    assert _first_token_order("qllm", "layer") == ["ls", "be"]
+    assert _first_token_order("qllm", "expert") == ["ls", "be"]
+
+
+def test_iteration_level_policies_make_ls_wait_for_the_be_prefill() -> None:
+    assert _first_token_order("fcfs", "layer") == ["be", "ls"]
+    assert _first_token_order("priority", "layer") == ["be", "ls"]
+    assert _first_token_order("qllm", "iteration") == ["be", "ls"]
+
+
+def test_aging_bound_stops_preemption_of_be_work_held_back_too_long() -> None:
+    clock = [0.0]
+    core = EngineCore(
+        EngineConfig(model="tiny", device="cpu", granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
+    )
+    core.add_request("be", LONG, GREEDY, "be")
+    clock[0] = 2.0  # it waited in the queue past the bound before its pass started
+    core.step()
+    core.add_request("ls", SHORT, GREEDY, "ls")
+    core.step()
+    assert not core.suspended and core.stats().preemptions == 0
+
+
+def test_suspended_be_pass_resumes_once_aged_even_with_ls_prompts_waiting() -> None:
+    clock = [0.0]
+    core = EngineCore(
+        EngineConfig(model="tiny", device="cpu", granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
+    )
+    core.add_request("be", LONG, GREEDY, "be")
+    core.step()
+    core.add_request("ls0", SHORT, GREEDY, "ls")
+    core.step()
+    be_pass = core.suspended[0]
+    clock[0] = 1.5  # suspended for longer than the bound
+    for i in range(1, 4):  # a steady stream of LS prompts
+        core.add_request(f"ls{i}", SHORT, GREEDY, "ls")
+    while core.active is not be_pass:
+        core.step()
+    assert core.requests["be"].preemptions == 1
+    while not be_pass.done:
+        core.step()
+        assert be_pass.done or core.active is be_pass, "an aged pass runs to the end"
