@@ -163,8 +163,9 @@ def parse_body(raw: bytes, model: type[_Common], max_bytes: int) -> _Common:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        # OpenAI's `param` names the top-level field; union member tags in pydantic's path would only confuse.
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = str(first["loc"][0]) if first["loc"] else None
         raise ApiError(
             400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value"
         ) from None

@@ -27,7 +27,8 @@ class Stage(enum.Enum):
     EMBED = "embed"
     ATTENTION = "attention"
     ROUTE = "route"
-    EXPERT = "expert"
+    EXPERTS = "experts"  # all routed experts of a layer in one unit (layer and iteration granularity)
+    EXPERT = "expert"  # one routed expert (expert granularity)
     SHARED_EXPERT = "shared_expert"
     COMBINE = "combine"
     HEAD = "head"
@@ -69,6 +70,7 @@ class ForwardPass:
             Stage.EMBED: self._embed,
             Stage.ATTENTION: self._attention,
             Stage.ROUTE: self._route,
+            Stage.EXPERTS: self._all_experts,
             Stage.EXPERT: self._expert,
             Stage.SHARED_EXPERT: self._shared_expert,
             Stage.COMBINE: self._combine,
@@ -97,6 +99,7 @@ class ForwardPass:
         """New tokens fed by the whole batch."""
         return len(self._token_ids)
 
+    @torch.inference_mode()
     def step(self) -> int:
         """Run units until the next preemption point of this pass's granularity; returns the units run."""
         ran = 0
@@ -131,7 +134,16 @@ class ForwardPass:
 
     def _route(self) -> None:
         assert self.hidden is not None  # noqa: S101
-        self._work = self._model.route(self.layer, self.hidden)
+        per_expert = self.granularity is Granularity.EXPERT
+        self._work = self._model.route(self.layer, self.hidden, per_expert)
+        if not per_expert and self._work.top_k_index is not None:
+            self.stage = Stage.EXPERTS
+            return
+        self._after_routed_work()
+
+    def _all_experts(self) -> None:
+        assert self._work is not None  # noqa: S101
+        self._model.all_experts(self.layer, self._work)
         self._after_routed_work()
 
     def _expert(self) -> None:

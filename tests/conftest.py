@@ -87,16 +87,19 @@ def family_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 @pytest.fixture(scope="session")
-def reference() -> Callable[[Path, torch.dtype, list[int], int], list[int]]:
-    """Greedy continuation by transformers' own `generate` (eager experts, batch of one, EOS stops it)."""
-    models: dict[tuple[Path, torch.dtype], PreTrainedModel] = {}
+def reference() -> Callable[..., list[int]]:
+    """Greedy continuation by transformers' own `generate` (batch of one, EOS stops it); experts run by
+    the eager loop unless `experts` names another transformers implementation (None: its default)."""
+    models: dict[tuple[Path, torch.dtype, str | None], PreTrainedModel] = {}
 
-    def generate(path: Path, dtype: torch.dtype, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        if (path, dtype) not in models:
-            models[(path, dtype)] = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, experts_implementation="eager"
-            ).eval()
-        out = models[(path, dtype)].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    def generate(
+        path: Path, dtype: torch.dtype, prompt_ids: list[int], max_new_tokens: int, experts: str | None = "eager"
+    ) -> list[int]:
+        key = (path, dtype, experts)
+        if key not in models:
+            kwargs = {} if experts is None else {"experts_implementation": experts}
+            models[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+        out = models[key].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
         return [int(t) for t in out[0, len(prompt_ids) :]]
 
     return generate

@@ -43,7 +43,7 @@ class AttentionBatch:
     decode_slots: torch.Tensor | None
     """(batch, longest context) slots when every sequence feeds one token; padding points at slot 0."""
     decode_mask: torch.Tensor | None
-    """(batch, 1, 1, longest context) True where a padded decode slot is real."""
+    """(batch, 1, 1, longest context) True where a padded decode slot is real; None when none is padding."""
 
     @classmethod
     def build(cls, kv: KVCache, seqs: tuple[SeqSlice, ...], write_slots: torch.Tensor) -> AttentionBatch:
@@ -56,7 +56,9 @@ class AttentionBatch:
         for i, s in enumerate(seqs):
             slots[i, : len(s.context_slots)] = s.context_slots
             mask[i, 0, 0, : len(s.context_slots)] = True
-        return cls(kv, seqs, write_slots, slots, mask)
+        # Equal contexts need no mask, and SDPA is faster without one.
+        same_length = all(len(s.context_slots) == longest for s in seqs)
+        return cls(kv, seqs, write_slots, slots, None if same_length else mask)
 
 
 def paged_attention(

@@ -68,8 +68,12 @@ class StagedModel:
         )
         return hidden + attn_out[0]  # type: ignore[no-any-return]
 
-    def route(self, layer: int, hidden: torch.Tensor) -> LayerWork:
-        """Post-attention norm and the model's own router (or, for a dense layer, its whole MLP)."""
+    def route(self, layer: int, hidden: torch.Tensor, per_expert: bool) -> LayerWork:
+        """Post-attention norm and the model's own router (or, for a dense layer, its whole MLP).
+
+        `per_expert` lists the hit experts for one-at-a-time execution; that costs one device-to-host read
+        (transformers' eager loop pays the same), which whole-layer execution avoids.
+        """
         module: nn.Module = self.layers[layer]
         normed = module.post_attention_layernorm(hidden)  # type: ignore[operator]
         parts = self.parts[layer]
@@ -77,9 +81,14 @@ class StagedModel:
             dense = self.adapter.dense_mlp(module)(normed)
             return LayerWork(hidden, normed, None, None, [], dense)
         _, weights, index = parts.gate(normed)
-        # The one device-to-host read of a layer: which experts have tokens (transformers' loop does the same).
-        hit = torch.unique(index).tolist()
-        return LayerWork(hidden, normed, index, weights, [int(e) for e in hit], torch.zeros_like(normed))
+        hit = [int(e) for e in torch.unique(index).tolist()] if per_expert else []
+        return LayerWork(hidden, normed, index, weights, hit, torch.zeros_like(normed) if per_expert else normed)
+
+    def all_experts(self, layer: int, work: LayerWork) -> None:
+        """Every routed expert at once through the model's own experts module (its configured kernel)."""
+        parts = self.parts[layer]
+        assert parts is not None  # noqa: S101
+        work.out = parts.experts(work.normed, work.top_k_index, work.top_k_weights)
 
     def expert(self, layer: int, work: LayerWork) -> int:
         """Run the next hit expert on its tokens and add its weighted output; returns its id."""

@@ -25,7 +25,7 @@ PROMPTS = [
 ]
 MAX_NEW = 12
 
-Reference = Callable[[Path, torch.dtype, list[int], int], list[int]]
+Reference = Callable[..., list[int]]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -82,10 +82,16 @@ def test_merged_passes_match_transformers(family_checkpoints: dict[str, Path], r
         assert list(finals[rid].token_ids) == reference(path, torch.float64, prompt, MAX_NEW), rid
 
 
-def test_default_tiny_model_float32_under_preemption(reference: Reference) -> None:
-    core = EngineCore(EngineConfig(model="tiny", dtype="float32", device="cpu", granularity="expert"))
+@pytest.mark.parametrize(("granularity", "experts"), [("expert", "eager"), ("layer", None)])
+def test_default_tiny_model_float32_under_preemption(
+    granularity: str, experts: str | None, reference: Reference
+) -> None:
+    """float32, as served: expert granularity runs the eager loop's arithmetic; layer granularity runs the
+    model's own experts module with transformers' default kernel (grouped_mm), compared with the same."""
+    core = EngineCore(EngineConfig(model="tiny", dtype="float32", device="cpu", granularity=granularity))
     prompts = _mixed_load(core)
     finals = drain(core)
     assert core.stats().preemptions > 0
     for rid, prompt in prompts.items():
-        assert list(finals[rid].token_ids) == reference(core.loaded.path, torch.float32, prompt, MAX_NEW), rid
+        expected = reference(core.loaded.path, torch.float32, prompt, MAX_NEW, experts)
+        assert list(finals[rid].token_ids) == expected, rid

@@ -1,0 +1,68 @@
+"""App settings from YAML: the shipped serve_config.yaml is valid, and typos are caught."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.openai_api import ApiError, ChatRequest, CompletionRequest, parse_body
+from deployments.settings import AppSettings
+from qllm_core import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_serve_config_is_valid() -> None:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    settings = AppSettings.from_dict(app["args"])
+    assert settings.replicas == 2 and settings.num_gpus == 0 and settings.engine.model == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ({"replica": 2}, "unknown application setting"),
+        ({"engine": {"polcy": "qllm"}}, "unknown engine setting"),
+        ({"replicas": 0}, "replicas=0"),
+        ({"slo_target": 1.5}, "slo_target"),
+        ({"num_gpus": -1}, "num_gpus"),
+        ({"engine": {"policy": "lifo"}}, "policy='lifo'"),
+    ],
+)
+def test_bad_settings_fail_at_start_up(args: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        AppSettings.from_dict(args)
+
+
+def test_request_bodies_map_onto_sampling_params() -> None:
+    body = parse_body(b'{"prompt": "x", "stop": "\\n", "max_tokens": 3, "seed": 1}', CompletionRequest, 1000)
+    assert body.sampling(16)["stop"] == ["\n"] and body.sampling(16)["max_tokens"] == 3
+    chat = parse_body(
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9, "max_tokens": 4}',
+        ChatRequest,
+        1000,
+    )
+    assert chat.sampling(256)["max_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "param"),
+    [
+        (b"x" * 2000, 413, None),
+        (b"\xff", 400, None),
+        (b'{"prompt": 5}', 400, "prompt"),
+        (b'{"prompt": "x", "presence_penalty": 0.5}', 400, "presence_penalty"),
+        (b'{"messages": []}', 400, "messages"),
+    ],
+)
+def test_body_errors(raw: bytes, status: int, param: str | None) -> None:
+    model = ChatRequest if b"messages" in raw else CompletionRequest
+    with pytest.raises(ApiError) as info:
+        parse_body(raw, model, 1000)
+    assert info.value.status == status
+    if param is not None:
+        assert info.value.param == param
