@@ -79,7 +79,10 @@ def hf_decode_step_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -
 
 def decode_comparison(model: str, path: Path, batch: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
     """Engine vs transformers decode throughput at equal batch, alternating runs; best round of each."""
-    core = EngineCore(EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs"))
+    # The KV pool sized for this batch (8 x 128 tokens, with room), as transformers' cache is.
+    core = EngineCore(
+        EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
+    )
     hf = {
         name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
         for name, kw in (
@@ -114,7 +117,7 @@ def be_only_throughput(model: str, granularity: str, requests: int, prompt_len: 
 
 
 async def _ls_ttft(engine: Engine, delay_s: float, be_requests: int, be_prompt: int) -> float:
-    """TTFT of one LS request sent `delay_s` after a BE prefill burst (or on an idle engine if be_requests=0)."""
+    """TTFT of one LS request sent `delay_s` after BE prompts (or on an idle engine if be_requests=0)."""
     be_params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
     async def be(i: int) -> None:
@@ -132,25 +135,28 @@ async def _ls_ttft(engine: Engine, delay_s: float, be_requests: int, be_prompt: 
     return ttft
 
 
+BE_BURST_PROMPT = 3072
+
+
 def ls_ttft_under_be_prefill(model: str, policy: str, granularity: str, trials: int) -> dict[str, float]:
-    """Median LS TTFT idle and during a saturating BE prefill (8 x 512-token prompts in one pass)."""
+    """Median LS TTFT idle and while one long BE prompt (BE_BURST_PROMPT tokens, one pass) is prefilling;
+    the LS request arrives at a different point of that prefill in each trial."""
     engine = Engine(EngineConfig(model=model, device="cpu", policy=policy, granularity=granularity))
     try:
         idle = [asyncio.run(_ls_ttft(engine, 0.0, 0, 0)) for _ in range(trials)]
-        loaded = [asyncio.run(_ls_ttft(engine, 0.05 + 0.1 * t, 8, 512)) for t in range(trials)]
+        loaded = [asyncio.run(_ls_ttft(engine, 0.1 + 0.15 * t, 1, BE_BURST_PROMPT)) for t in range(trials)]
     finally:
         engine.shutdown()
     return {"idle_ttft_s": statistics.median(idle), "loaded_ttft_s": statistics.median(loaded), "trials": trials}
 
 
 def layer_time(model: str) -> dict[str, float]:
-    """Wall time of the saturating BE prefill pass, and of one of its layers (pass time / layers)."""
+    """Wall time of the BE prefill pass of the TTFT test, and of one of its layers (pass time / layers)."""
     core = EngineCore(EngineConfig(model=model, device="cpu", granularity="layer"))
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     times = []
     for trial in range(3):
-        for i in range(8):
-            core.add_request(f"t{trial}-{i}", prompt(100 + i, 512), params, "be")
+        core.add_request(f"t{trial}", prompt(100, BE_BURST_PROMPT), params, "be")
         start = time.perf_counter()
         drain(core)
         times.append(time.perf_counter() - start)
@@ -178,7 +184,7 @@ def main() -> None:
     }
     path = EngineCore(EngineConfig(model=args.model, device="cpu", kv_cache_tokens=64)).loaded.path
     decode = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
-    decode |= decode_comparison(args.model, path, args.batch, 64, 64, rounds=3)
+    decode |= decode_comparison(args.model, path, args.batch, 64, 64, rounds=5)
     results["decode_throughput"] = decode
     print(json.dumps(decode, indent=1), flush=True)
 
@@ -192,7 +198,7 @@ def main() -> None:
     print(json.dumps(overhead, indent=1), flush=True)
 
     timing = layer_time(args.model)
-    ttft: dict[str, Any] = {"be_burst": "8 x 512-token prompts", **timing}
+    ttft: dict[str, Any] = {"be_prompt_tokens": BE_BURST_PROMPT, **timing}
     for policy, granularity in (
         ("fcfs", "iteration"),
         ("priority", "iteration"),

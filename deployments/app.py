@@ -29,22 +29,23 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     scaling: dict[str, Any] = (
         {"autoscaling_config": settings.autoscaling} if settings.autoscaling else {"num_replicas": settings.replicas}
     )
-    router_config = RequestRouterConfig(
-        request_router_class=QllmRequestRouter,  # type: ignore[arg-type]
-        request_routing_stats_period_s=settings.stats_period_s,  # type: ignore[arg-type]
-    )
-    router = _deployment(
-        PriorityRouter, num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
-    ).bind(settings)
-    engine = _deployment(
-        EngineReplica,
-        max_ongoing_requests=_MAX_ONGOING_PER_REPLICA,
-        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
-        request_router_config=router_config,
-        health_check_period_s=2,
-        health_check_timeout_s=10,
-        graceful_shutdown_timeout_s=5,
+    engine_options: dict[str, Any] = {
+        "max_ongoing_requests": _MAX_ONGOING_PER_REPLICA,
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 10,
+        "graceful_shutdown_timeout_s": 5,
         **scaling,
-    ).bind(settings, router)
+    }
+    router = None
+    if settings.routing == "priority":
+        engine_options["request_router_config"] = RequestRouterConfig(
+            request_router_class=QllmRequestRouter,  # type: ignore[arg-type]
+            request_routing_stats_period_s=settings.stats_period_s,  # type: ignore[arg-type]
+        )
+        router = _deployment(
+            PriorityRouter, num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
+        ).bind(settings)
+    engine = _deployment(EngineReplica, **engine_options).bind(settings, router)
     ingress = _deployment(Ingress, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
     return ingress.bind(settings, engine, router)

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.auth import authorized, load_api_key
 from deployments.openai_api import (
     ApiError,
     ChatRequest,
@@ -74,12 +75,22 @@ def _usage(item: dict[str, Any]) -> dict[str, int]:
 class Ingress:
     """A Ray Serve deployment class (decorated in app.py)."""
 
-    def __init__(self, settings: AppSettings, engine: DeploymentHandle, router: DeploymentHandle) -> None:
+    def __init__(self, settings: AppSettings, engine: DeploymentHandle, router: DeploymentHandle | None) -> None:
         self._s = settings
         self._model = settings.served_model_name
         self._engine = engine
         self._stream = engine.options(stream=True)
         self._router = router
+        self._api_key = load_api_key(settings.api_key_file)
+
+    def _check_key(self, request: Request) -> None:
+        if self._api_key is not None and not authorized(request.headers.get("authorization"), self._api_key):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @app.get("/health")
     async def health(self) -> Response:
@@ -91,14 +102,16 @@ class Ingress:
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
         """The one model this application serves."""
+        self._check_key(request)
         card = {"id": self._model, "object": "model", "created": 0, "owned_by": "qllm"}
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         """Text completion, streaming or not."""
+        self._check_key(request)
         body = parse_body(await request.body(), CompletionRequest, self._s.max_body_bytes)
         assert isinstance(body, CompletionRequest)  # noqa: S101 - parse_body returns the model it was given
         return await self._serve("completion", body, {"prompt": body.prompt}, request)
@@ -106,6 +119,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         """Chat completion with the model's chat template, streaming or not."""
+        self._check_key(request)
         body = parse_body(await request.body(), ChatRequest, self._s.max_body_bytes)
         assert isinstance(body, ChatRequest)  # noqa: S101
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -148,6 +162,8 @@ class Ingress:
 
     async def _admit(self, priority: PriorityClass) -> dict[str, Any]:
         """The PriorityRouter's placement; on its failure, an empty one (the request router ranks by load)."""
+        if self._router is None:  # routing: power_of_two
+            return {"priority": priority.label}
         ls = priority is PriorityClass.LATENCY_SENSITIVE
         timeout = _LS_ADMIT_TIMEOUT_S if ls else self._s.be_hold_max_s + 2.0
         try:

@@ -15,6 +15,8 @@ from typing import Any
 from qllm_core.config import EngineConfig
 from qllm_core.errors import ConfigError
 
+ROUTING_MODES = ("priority", "power_of_two")
+
 
 @dataclass(frozen=True)
 class AppSettings:
@@ -52,6 +54,13 @@ class AppSettings:
     """Largest accepted request body."""
     placement_attempts: int = 3
     """Replicas tried for a request that has no token yet when its replica dies."""
+    api_key_file: str | None = None
+    """A file holding the API key (e.g. a mounted Kubernetes secret); $QLLM_API_KEY also works. No key: open."""
+    log_prompts: bool = False
+    """Put prompt text in request logs (off: logs carry ids, class and timings only)."""
+    routing: str = "priority"
+    """"priority": the PriorityRouter admits and places requests; "power_of_two": Ray Serve's default
+    router, blind to classes and SLOs (a baseline for comparison)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
@@ -64,6 +73,8 @@ class AppSettings:
             raise ConfigError(f"num_gpus={self.num_gpus!r} must be a number >= 0")
         if not 0 < self.slo_target <= 1:
             raise ConfigError(f"slo_target={self.slo_target} must be in (0, 1]")
+        if self.routing not in ROUTING_MODES:
+            raise ConfigError(f"routing={self.routing!r} is unknown; use one of {', '.join(ROUTING_MODES)}")
         if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
             raise ConfigError("autoscaling must be a mapping of Ray Serve autoscaling_config fields")
 

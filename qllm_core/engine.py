@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -89,12 +90,14 @@ class Engine:
         self, rid: str, ids: list[int], params: SamplingParams, cls: PriorityClass, deadline: float | None
     ) -> AsyncIterator[RequestOutput]:
         self._check_alive()
+        # Arrival is now, not when the engine thread next looks at its commands (after the running pass).
+        arrival = time.monotonic()
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         accepted: asyncio.Future[None] = sub.loop.create_future()
 
         def add() -> None:
             try:
-                self._core.add_request(rid, ids, params, cls, deadline)
+                self._core.add_request(rid, ids, params, cls, deadline, arrival)
             except Exception as exc:  # handed to the caller, who sees the typed error
                 sub.loop.call_soon_threadsafe(_settle, accepted, exc)
                 return

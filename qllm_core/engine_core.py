@@ -115,8 +115,12 @@ class EngineCore:
         params: SamplingParams,
         priority: PriorityClass | str,
         ttft_deadline_s: float | None = None,
+        arrival: float | None = None,
     ) -> Request:
-        """Validate and queue a request; raises `InvalidRequestError` (or a subclass) naming what to fix."""
+        """Validate and queue a request; raises `InvalidRequestError` (or a subclass) naming what to fix.
+
+        `arrival` is when the caller submitted it (the clock's time); by default, now.
+        """
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", param="params")
         cls = PriorityClass.parse(priority)
@@ -130,7 +134,8 @@ class EngineCore:
             or ttft_deadline_s <= 0
         ):
             raise InvalidRequestError("ttft_deadline_s must be a positive number of seconds", param="ttft_deadline_s")
-        request = Request(request_id, list(prompt_token_ids), params, cls, self._clock(), ttft_deadline_s)
+        when = self._clock() if arrival is None else arrival
+        request = Request(request_id, list(prompt_token_ids), params, cls, when, ttft_deadline_s)
         self.requests[request_id] = request
         self.metrics.prompt_tokens.labels(cls.label).inc(len(prompt_token_ids))
         return request

@@ -35,7 +35,7 @@ def engine_replica_actors() -> list[str]:
     return sorted(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "EngineReplica" in a["name"] and a["namespace"] == "serve"
+        if "qllm#EngineReplica" in a["name"] and a["namespace"] == "serve"
     )
 
 

@@ -71,7 +71,7 @@ def test_killed_router_falls_back_and_recovers(serve_app: str) -> None:
     routers = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "PriorityRouter" in a["name"] and a["namespace"] == "serve"
+        if "qllm#PriorityRouter" in a["name"] and a["namespace"] == "serve"
     ]
     assert len(routers) == 1
     ray.kill(ray.get_actor(routers[0], namespace="serve"), no_restart=True)

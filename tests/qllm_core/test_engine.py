@@ -163,3 +163,18 @@ async def test_shutdown_ends_streams_and_refuses_new_work() -> None:
         await collect(stream)
     with pytest.raises(EngineStoppedError):
         await collect(e.generate(prompt="late"))
+
+
+async def test_arrival_is_stamped_at_submission_not_when_the_engine_gets_to_it() -> None:
+    e = Engine(EngineConfig(model="tiny", device="cpu", policy="fcfs", granularity="iteration"))
+    try:
+        long_be = e.generate(prompt_token_ids=[7] * 3500, params=SamplingParams(max_tokens=1), priority="be")
+        be_task = asyncio.create_task(collect(long_be))
+        await asyncio.sleep(0.01)  # the BE pass is running; the LS request waits for its end
+        start = asyncio.get_running_loop().time()
+        ls = await collect(e.generate(prompt="ls", params=SamplingParams(max_tokens=1), priority="ls"))
+        wall = asyncio.get_running_loop().time() - start
+        await be_task
+        assert ls[-1].ttft_s is not None and ls[-1].ttft_s >= 0.8 * wall
+    finally:
+        e.shutdown()
