@@ -115,6 +115,7 @@ class PriorityRouter:
         for rid, r in self._replicas.items():
             o = outlook(r.load, r.placed[LS], r.placed[BE], self._s.ls_ttft_slo_s, self._s.slo_window)
             replicas[rid] = {
+                "load": r.load.to_dict(),
                 "predicted_ls_ttft_s": o.predicted_ls_ttft_s,
                 "be_spare": o.be_spare,
                 "at_risk": at_risk(o, self._s.ls_ttft_slo_s, self._s.slo_target),

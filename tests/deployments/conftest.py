@@ -39,15 +39,15 @@ def engine_replica_actors() -> list[str]:
     )
 
 
-def wait_healthy(base: str, replicas: int, timeout: float = 120.0) -> None:
-    """Until /health answers and `replicas` engine replicas run."""
+def wait_healthy(base: str, replicas: int, timeout: float = 120.0, app: str = "qllm") -> None:
+    """Until /health answers and `replicas` engine replicas of `app` run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             ok = httpx.get(f"{base}/health", timeout=5).status_code == 200
         except httpx.HTTPError:
             ok = False
-        status = serve.status().applications.get("qllm")
+        status = serve.status().applications.get(app)
         running = 0
         if status is not None:
             engine = status.deployments.get("EngineReplica")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from ray import serve
 
 from deployments.app import build_app
-from tests.deployments.conftest import APP_ARGS
+from tests.deployments.conftest import APP_ARGS, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +25,7 @@ def locked_app(serve_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     args = {**APP_ARGS, "replicas": 1, "api_key_file": str(key_file)}
     serve.run(build_app(args), name="locked", route_prefix="/locked", blocking=False)
     base = f"{serve_app}/locked"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(base, replicas=1, app="locked")
     yield base
     serve.delete("locked")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -147,3 +148,21 @@ def test_health_and_models(serve_app: str) -> None:
     assert httpx.get(f"{serve_app}/health", timeout=10).json() == {"status": "ok"}
     assert httpx.get(f"{serve_app}/v1/models", timeout=10).json()["data"][0]["id"] == "qllm-tiny"
     assert httpx.get(f"{serve_app}/v1/nothing", timeout=10).status_code == 404
+
+
+def test_client_that_disconnects_has_its_request_aborted_on_the_replica(serve_app: str) -> None:
+    from ray import serve
+
+    body = {"prompt": "long one", "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{serve_app}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    # The connection is closed mid-stream; within a few report periods no replica holds KV any more.
+    router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        loads = [r["load"] for r in router.stats.remote().result(timeout_s=10)["replicas"].values()]
+        if loads and all(x["kv_usage"] == 0 and x["ls_running"] + x["be_running"] == 0 for x in loads):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the abandoned request still holds resources: {loads}")
