@@ -423,6 +423,8 @@ class EngineCore:
             held_back_s=p.queued_s + p.suspended_s + extra,
             layer=p.layer,
             at_layer_boundary=p.at_layer_boundary,
+            num_tokens=p.num_tokens,
+            layers_left=self.model.num_layers - p.layer,
         )
 
     def _view(self, now: float) -> SchedulerView:

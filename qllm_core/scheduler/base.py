@@ -36,6 +36,10 @@ class PassInfo:
     time the pass has spent suspended. The aging bound applies to this."""
     layer: int
     at_layer_boundary: bool
+    num_tokens: int = 0
+    """New tokens the pass feeds."""
+    layers_left: int = 0
+    """Decoder layers it has not finished."""
 
     @property
     def has_ls(self) -> bool:

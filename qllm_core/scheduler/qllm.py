@@ -13,7 +13,7 @@ preempted or passed over once it has waited that long, so BE never starves.
 from __future__ import annotations
 
 from qllm_core.request import PriorityClass
-from qllm_core.scheduler.base import BatchBuilder, BatchPlan, Policy, SchedulerView, urgency
+from qllm_core.scheduler.base import BatchBuilder, BatchPlan, PassInfo, Policy, SchedulerView, urgency
 
 LS = PriorityClass.LATENCY_SENSITIVE
 BE = PriorityClass.BEST_EFFORT
@@ -45,11 +45,19 @@ class QllmPolicy(Policy):
         return builder.plan()
 
     def should_preempt(self, view: SchedulerView) -> bool:
-        """Suspend the running pass for a waiting LS prompt, unless it carries one or BE has aged."""
+        """Suspend the running pass for a waiting LS prompt, unless it carries one, BE has aged, or what is
+        left of it is no more work than one full decode iteration: then the LS prompt waits for the next
+        pass instead, which costs it about as much as a pass of its own would and saves that pass."""
         running = view.running
         if running is None or running.ls_prefill or not view.waiting[LS]:
             return False
+        if running.num_tokens * running.layers_left <= self.config.max_batch_size * self._num_layers(running):
+            return False
         return running.held_back_s < self.config.be_max_wait_s and not self._be_aged(view)
+
+    @staticmethod
+    def _num_layers(running: PassInfo) -> int:
+        return running.layer + running.layers_left
 
     def should_resume(self, view: SchedulerView) -> bool:
         """Resume the suspended pass once no LS prompt waits, or when it has aged."""

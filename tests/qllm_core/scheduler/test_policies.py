@@ -34,8 +34,10 @@ def view(
     return SchedulerView(now, waiting, ready, free_blocks, lambda r: 1, running, suspended)
 
 
-def running_pass(classes: set[PriorityClass], ls_prefill: bool = False, held: float = 0.0) -> PassInfo:
-    return PassInfo(frozenset(classes), ls_prefill, held, layer=2, at_layer_boundary=True)
+def running_pass(
+    classes: set[PriorityClass], ls_prefill: bool = False, held: float = 0.0, tokens: int = 2000
+) -> PassInfo:
+    return PassInfo(frozenset(classes), ls_prefill, held, 2, True, num_tokens=tokens, layers_left=6)
 
 
 def plan_ids(policy: str, v: SchedulerView) -> list[str]:
@@ -88,6 +90,14 @@ def test_qllm_preempts_be_only_for_waiting_ls_prompts() -> None:
     assert not policy.should_preempt(view([ls_decode], running=running_pass({BE})))
     assert not policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=True)))
     assert policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=False)))
+
+
+def test_qllm_lets_a_short_pass_finish_instead_of_preempting_it() -> None:
+    policy = POLICIES["qllm"](CONFIG)
+    ls_prompt = req("ls", LS, 0.5)
+    # 4 decodes x 6 layers left is less than one full decode iteration (4 sequences x 8 layers): wait.
+    assert not policy.should_preempt(view([ls_prompt], running=running_pass({BE}, tokens=4)))
+    assert policy.should_preempt(view([ls_prompt], running=running_pass({BE}, tokens=40)))
 
 
 def test_qllm_aging_stops_preemption_and_puts_be_first() -> None:
