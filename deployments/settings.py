@@ -7,12 +7,11 @@ deployment itself decides (replicas, SLOs, routing, admission, HTTP limits) and 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qllm_core.config import EngineConfig
+from qllm_core.config import EngineConfig, require_positive_int, require_positive_number
 from qllm_core.errors import ConfigError
 
 ROUTING_MODES = ("priority", "power_of_two")
@@ -65,10 +64,17 @@ class AppSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
             raise ConfigError("engine must be an EngineConfig (use AppSettings.from_dict for YAML)")
-        _positive_int(
-            self, "replicas", "slo_window", "max_queued_be", "max_queued_ls", "max_body_bytes", "placement_attempts"
-        )
-        _positive_float(self, "ls_ttft_slo_s", "be_ttft_slo_s", "be_hold_max_s", "stats_period_s", "num_cpus")
+        for name in (
+            "replicas",
+            "slo_window",
+            "max_queued_be",
+            "max_queued_ls",
+            "max_body_bytes",
+            "placement_attempts",
+        ):
+            require_positive_int(name, getattr(self, name))
+        for name in ("ls_ttft_slo_s", "be_ttft_slo_s", "be_hold_max_s", "stats_period_s", "num_cpus"):
+            require_positive_number(name, getattr(self, name))
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int | float) or self.num_gpus < 0:
             raise ConfigError(f"num_gpus={self.num_gpus!r} must be a number >= 0")
         if not 0 < self.slo_target <= 1:
@@ -95,17 +101,3 @@ class AppSettings:
         if not isinstance(engine, Mapping):
             raise ConfigError("engine must be a mapping of engine settings")
         return cls(engine=EngineConfig.from_dict(engine), **values)
-
-
-def _positive_int(obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
-
-
-def _positive_float(obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a positive number")

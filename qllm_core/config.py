@@ -90,17 +90,14 @@ class EngineConfig:
         if self.granularity not in {g.value for g in Granularity}:
             raise ConfigError(f"granularity={self.granularity!r} is unknown; use 'iteration', 'layer' or 'expert'")
         for name in ("max_batch_size", "max_batched_tokens", "kv_cache_tokens", "block_size", "ttft_window"):
-            _require_positive_int(name, getattr(self, name))
+            require_positive_int(name, getattr(self, name))
         if self.max_model_len is not None:
-            _require_positive_int("max_model_len", self.max_model_len)
+            require_positive_int("max_model_len", self.max_model_len)
         if self.kv_cache_tokens < self.block_size:
             raise ConfigError(
                 f"kv_cache_tokens={self.kv_cache_tokens} is smaller than one block (block_size={self.block_size})"
             )
-        if isinstance(self.be_max_wait_s, bool) or not isinstance(self.be_max_wait_s, int | float):
-            raise ConfigError("be_max_wait_s must be a number of seconds")
-        if not (math.isfinite(self.be_max_wait_s) and self.be_max_wait_s > 0):
-            raise ConfigError(f"be_max_wait_s={self.be_max_wait_s} must be a positive, finite number of seconds")
+        require_positive_number("be_max_wait_s", self.be_max_wait_s)
         if not isinstance(self.merge_ls_into_be, bool):
             raise ConfigError("merge_ls_into_be must be true or false")
         try:
@@ -134,6 +131,13 @@ class EngineConfig:
         )
 
 
-def _require_positive_int(name: str, value: object) -> None:
+def require_positive_int(name: str, value: object) -> None:
+    """Raise ConfigError unless `value` is an int > 0 (bools are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def require_positive_number(name: str, value: object) -> None:
+    """Raise ConfigError unless `value` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive, finite number")
