@@ -55,8 +55,6 @@ class AppSettings:
     """Replicas tried for a request that has no token yet when its replica dies."""
     api_key_file: str | None = None
     """A file holding the API key (e.g. a mounted Kubernetes secret); $QLLM_API_KEY also works. No key: open."""
-    log_prompts: bool = False
-    """Put prompt text in request logs (off: logs carry ids, class and timings only)."""
     routing: str = "priority"
     """"priority": the PriorityRouter admits and places requests; "power_of_two": Ray Serve's default
     router, blind to classes and SLOs (a baseline for comparison)."""
