@@ -186,8 +186,10 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Advance to the next preemption point; returns outputs of requests that got a token or ended."""
         now = self._clock()
-        if self.active is not None and self.policy.should_preempt(self._view(now)):
-            self._relieve_memory()
+        preempt = self.active is not None and self.policy.should_preempt(self._view(now))
+        # Memory is only made room for when a new pass is about to be planned.
+        outputs = self._relieve_memory() if preempt or self.active is None else []
+        if preempt:
             plan = self.policy.next_batch(self._view(now))
             if plan is not None:
                 self._suspend_active(now)
@@ -195,18 +197,17 @@ class EngineCore:
         if self.active is None:
             self.active = self._choose_pass(now)
         if self.active is None:
-            return []
+            return outputs
         self.active.step()
         self._maybe_merge()
         if not self.active.done:
-            return []
+            return outputs
         finished, self.active = self.active, None
-        outputs = self._complete(finished)
+        outputs += self._complete(finished)
         self._update_gauges()
         return outputs
 
     def _choose_pass(self, now: float) -> ForwardPass | None:
-        self._relieve_memory()
         view = self._view(now)
         if self.suspended and self.policy.should_resume(view):
             return self._resume(now)
@@ -235,7 +236,6 @@ class EngineCore:
     def _suspend_active(self, now: float) -> None:
         running = self.active
         assert running is not None  # noqa: S101
-        running.suspensions += 1
         for entry in running.entries:
             entry.request.preemptions += 1
         self._suspended_at[running.pass_id] = now
@@ -363,12 +363,14 @@ class EngineCore:
         return [self._finish(r, FinishReason.ERROR, now, error=message) for r in list(self.requests.values())]
 
     # ---- memory pressure -------------------------------------------------------------------------------
-    def _relieve_memory(self) -> None:
+    def _relieve_memory(self) -> list[RequestOutput]:
         """Make room for the most urgent queued request that does not fit, taking KV from less urgent ones.
 
         Victims, least urgent first: requests holding KV between steps, then suspended passes. They go back
-        to the queue and recompute their KV later, so nothing is lost.
+        to the queue and recompute their KV later, so nothing is lost. Returns the outputs of requests that
+        were aborted inside a dropped pass (they end here, and their callers must hear of it).
         """
+        outputs: list[RequestOutput] = []
         queued = [r for r in self.requests.values() if r.state in (RequestState.WAITING, RequestState.READY)]
         key = self.policy.order_key
         free = self.kv.free_blocks
@@ -389,8 +391,9 @@ class EngineCore:
                 if missing <= 0:
                     break
                 if all(key(e.request) > key(request) for e in suspended.entries):
-                    missing -= self._drop_suspended(suspended)
-            return
+                    missing -= self._drop_suspended(suspended, outputs)
+            break
+        return outputs
 
     def _evict(self, request: Request) -> int:
         freed = self.kv.free(request.request_id)
@@ -400,14 +403,15 @@ class EngineCore:
         self.metrics.evictions.labels(request.priority.label).inc()
         return freed
 
-    def _drop_suspended(self, dropped: ForwardPass) -> int:
+    def _drop_suspended(self, dropped: ForwardPass, outputs: list[RequestOutput]) -> int:
         self.suspended.remove(dropped)
         self._suspended_at.pop(dropped.pass_id, None)
         freed = 0
         for entry in dropped.entries:
             request = entry.request
             if request.request_id in self._aborting:
-                self._finish(request, FinishReason.ABORT, self._clock())
+                freed += self.kv.free(request.request_id)  # _finish then finds nothing left to free
+                outputs.append(self._finish(request, FinishReason.ABORT, self._clock()))
                 continue
             freed += self._evict(request)
         return freed
@@ -446,10 +450,14 @@ class EngineCore:
             suspended=None if not self.suspended else self._pass_info(self.suspended[-1], now, True),
         )
 
-    def _update_gauges(self) -> None:
+    def _counts(self) -> dict[tuple[PriorityClass, RequestState], int]:
         counts = {(c, s): 0 for c in PriorityClass for s in RequestState}
         for r in self.requests.values():
             counts[(r.priority, r.state)] += 1
+        return counts
+
+    def _update_gauges(self) -> None:
+        counts = self._counts()
         for c in PriorityClass:
             self.metrics.running.labels(c.label).set(counts[(c, RequestState.RUNNING)])
             self.metrics.waiting.labels(c.label).set(
@@ -459,9 +467,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         """Per-class queue depths, running work, KV usage and recent TTFTs."""
-        counts = {(c, s): 0 for c in PriorityClass for s in RequestState}
-        for r in self.requests.values():
-            counts[(r.priority, r.state)] += 1
+        counts = self._counts()
         active = self.active
         return EngineStats(
             classes={

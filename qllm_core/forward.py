@@ -65,7 +65,6 @@ class ForwardPass:
         self.suspended_s = 0.0
         self.queued_s = 0.0
         """Longest time one of its requests waited before this pass started (set by the engine)."""
-        self.suspensions = 0
         self._units: dict[Stage, Callable[[], None]] = {
             Stage.EMBED: self._embed,
             Stage.ATTENTION: self._attention,

@@ -7,7 +7,7 @@ own forward operation for operation, so the engine's output is the model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ class LayerWork:
     out: torch.Tensor
     """Routed-expert output accumulated so far (or the dense MLP's output)."""
     shared_out: torch.Tensor | None = None
-    experts_done: list[int] = field(default_factory=list)
 
 
 class StagedModel:
@@ -99,7 +98,6 @@ class StagedModel:
         states = self.adapter.run_expert(parts.experts, expert, work.normed[token_idx])
         states = states * work.top_k_weights[token_idx, top_k_pos, None]
         work.out.index_add_(0, token_idx, states.to(work.out.dtype))
-        work.experts_done.append(expert)
         return expert
 
     def shared_expert(self, layer: int, work: LayerWork) -> None:
