@@ -14,8 +14,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.load import ReplicaLoad
+from deployments.metrics import RayBackend
 from deployments.settings import AppSettings
 from qllm_core import Engine, InvalidRequestError, PromptTooLongError, QllmError, SamplingParams
+from qllm_core.metrics import EngineMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -32,7 +34,7 @@ class EngineReplica:
         self._settings = settings
         # One replica per device: keep torch's CPU threads within the CPUs Ray reserved for it.
         torch.set_num_threads(max(1, int(settings.num_cpus)))
-        self._engine = Engine(settings.engine)
+        self._engine = Engine(settings.engine, EngineMetrics(RayBackend()))
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._router = router
         self._reporter: asyncio.Task[None] | None = None

@@ -16,8 +16,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray import serve
+
 from deployments.load import BE, LS, Outlook, ReplicaLoad, at_risk, attainment, outlook, rank
+from deployments.metrics import RayBackend, RouterMetrics
 from deployments.settings import AppSettings
+from qllm_core.metrics import MetricsBackend
 
 # A replica that has not reported for this many periods is treated as gone.
 _STALE_PERIODS = 4
@@ -32,11 +36,16 @@ class _Replica:
 class PriorityRouter:
     """A Ray Serve deployment class (one replica; decorated in app.py)."""
 
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, metrics_backend: MetricsBackend | None = None) -> None:
         self._s = settings
         self._replicas: dict[str, _Replica] = {}
         self._held: deque[asyncio.Future[None]] = deque()
         self._counters: dict[str, int] = {"placed_ls": 0, "placed_be": 0, "held_be": 0, "rejected": 0}
+        if metrics_backend is None:
+            # Plain Ray metrics: Serve's would claim the `replica` label, which here names the target replica.
+            app = serve.get_replica_context().app_name
+            metrics_backend = RayBackend(serve_tags=False, fixed_tags={"application": app})
+        self._metrics = RouterMetrics(metrics_backend)
 
     # ---- replica reports --------------------------------------------------------------------------------
     def report(self, load: dict[str, Any]) -> None:
@@ -44,6 +53,7 @@ class PriorityRouter:
         parsed = ReplicaLoad.from_dict(load)
         self._replicas[parsed.replica_id] = _Replica(parsed)
         self._release_held()
+        self._export_load(parsed)
 
     def forget(self, replica_id: str) -> None:
         """Drop a replica known to be gone."""
@@ -56,19 +66,18 @@ class PriorityRouter:
         Returns {"ranking": [...], "held_s": float} or {"overloaded": True, "retry_after_s": float}.
         """
         if priority == LS:
-            queued_ls = sum(r.load.ls_waiting + r.placed[LS] for r in self._replicas.values())
-            if queued_ls >= self._s.max_queued_ls:
-                self._counters["rejected"] += 1
-                return {"overloaded": True, "retry_after_s": 1.0}
+            if self._queued(LS) >= self._s.max_queued_ls:
+                return self._reject(LS, 1.0)
             return self._place(LS, 0.0)
         if not self._can_take_be():
             if len(self._held) >= self._s.max_queued_be:
-                self._counters["rejected"] += 1
-                return {"overloaded": True, "retry_after_s": self._s.be_hold_max_s}
+                return self._reject(BE, self._s.be_hold_max_s)
             start = time.monotonic()
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._held.append(waiter)
             self._counters["held_be"] += 1
+            self._metrics.be_holds.inc()
+            self._export_queues()
             try:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(waiter), self._s.be_hold_max_s)
@@ -84,7 +93,22 @@ class PriorityRouter:
         if ranking:
             self._replicas[ranking[0]].placed[priority] += 1
         self._counters["placed_ls" if priority == LS else "placed_be"] += 1
+        # With no reports yet, Serve's own routing picks the replica.
+        self._metrics.placements.labels(ranking[0] if ranking else "unknown", priority).inc()
+        self._export_queues()
         return {"ranking": ranking, "held_s": held_s}
+
+    def _queued(self, priority: str) -> int:
+        """Requests of a class waiting: at the replicas as reported, placed since, and (BE) held here."""
+        known = self._replicas.values()
+        if priority == LS:
+            return sum(r.load.ls_waiting + r.placed[LS] for r in known)
+        return sum(r.load.be_waiting + r.placed[BE] for r in known) + len(self._held)
+
+    def _reject(self, priority: str, retry_after_s: float) -> dict[str, Any]:
+        self._counters["rejected"] += 1
+        self._metrics.rejected.labels(priority).inc()
+        return {"overloaded": True, "retry_after_s": retry_after_s}
 
     def _outlooks(self) -> list[Outlook]:
         fresh_after = time.time() - _STALE_PERIODS * self._s.stats_period_s
@@ -108,6 +132,24 @@ class PriorityRouter:
                 return  # one at a time: its placement counts before the next is considered
 
     # ---- observability ----------------------------------------------------------------------------------
+    def _export_load(self, load: ReplicaLoad) -> None:
+        m = self._metrics
+        slo = {LS: self._s.ls_ttft_slo_s, BE: self._s.be_ttft_slo_s}
+        recent = {LS: load.recent_ls_ttft_s, BE: load.recent_be_ttft_s}
+        m.replica_load.labels(load.replica_id, LS).set(load.ls_waiting + load.ls_running)
+        m.replica_load.labels(load.replica_id, BE).set(load.be_waiting + load.be_running)
+        for cls in (LS, BE):
+            ratio = attainment(recent[cls], slo[cls], self._s.slo_window)
+            if ratio is not None:
+                m.slo_attainment.labels(load.replica_id, cls).set(ratio)
+        m.replicas.set(len(self._outlooks()))
+        self._export_queues()
+
+    def _export_queues(self) -> None:
+        self._metrics.queue_depth.labels(LS).set(self._queued(LS))
+        self._metrics.queue_depth.labels(BE).set(self._queued(BE))
+        self._metrics.be_held.set(len(self._held))
+
     def stats(self) -> dict[str, Any]:
         """Queue depth, SLO attainment per replica and class, placement counters."""
         slo = {LS: self._s.ls_ttft_slo_s, BE: self._s.be_ttft_slo_s}

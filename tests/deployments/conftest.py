@@ -59,10 +59,24 @@ def wait_healthy(base: str, replicas: int, timeout: float = 120.0, app: str = "q
 
 
 @pytest.fixture(scope="session")
-def serve_app() -> Iterator[str]:
+def ray_metrics_port() -> int:
+    """The port where this session's Ray node serves its metrics export (127.0.0.1)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_metrics_port: int) -> Iterator[str]:
     """Base URL of the running application (http://127.0.0.1:PORT)."""
     port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="qllm-tests")
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="qllm-tests",
+        _metrics_export_port=ray_metrics_port,
+        # Export every second (Ray's floor) rather than every 10 s, so the Prometheus test waits less.
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(APP_ARGS), name="qllm", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"

@@ -370,19 +370,13 @@ def test_rules_file_and_prometheusrule_hold_the_same_groups() -> None:
     assert set(plain) == {"groups"}  # a plain rules file, nothing of the custom resource
 
 
-def test_rules_use_metrics_the_engine_exports() -> None:
-    from prometheus_client import CollectorRegistry
+def test_rules_use_metrics_the_app_exports() -> None:
+    from deployments.metrics import RAY_PREFIX, ROUTER_METRICS
+    from qllm_core.metrics import ENGINE_METRICS, LATENCY_BUCKETS, exported_names
 
-    from qllm_core.metrics import LATENCY_BUCKETS, EngineMetrics
-
-    registry = CollectorRegistry()
-    EngineMetrics(registry)
-    samples = {
-        f"{m.name}{suffix}" for m in registry.collect() for suffix in ("", "_total", "_bucket", "_count", "_sum")
-    }
-    used = set(re.findall(r"\bray_(qllm_[a-z_]+)", RULES.read_text()))
-    engine_metrics = {name for name in used if not name.startswith("qllm_router_")}
-    assert engine_metrics and engine_metrics <= samples, engine_metrics - samples
+    exported = {RAY_PREFIX + name for name in exported_names(ENGINE_METRICS + ROUTER_METRICS)}
+    used = set(re.findall(r"\b(?:ray_)?qllm_[a-z_]+", RULES.read_text()))
+    assert used and used <= exported, used - exported
     # The SLOs are bucket boundaries, or the `le` matchers would select nothing.
     args = gen.app_args(_serve_config_v2())
     assert args["ls_ttft_slo_s"] in LATENCY_BUCKETS

@@ -18,6 +18,7 @@ from qllm_core import (
     RequestOutput,
     SamplingParams,
 )
+from qllm_core.metrics import ENGINE_METRICS, PrometheusBackend, exported_names
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +148,12 @@ async def test_duplicate_request_id_is_refused_while_in_flight(engine: Engine) -
 
 async def test_metrics_are_recorded_per_class(engine: Engine) -> None:
     await collect(engine.generate(prompt="m", params=SamplingParams(max_tokens=2), priority="be"))
-    samples = {
-        (s.name, s.labels.get("priority_class")): s.value for m in engine.metrics.registry.collect() for s in m.samples
-    }
+    backend = engine.metrics.backend
+    assert isinstance(backend, PrometheusBackend)
+    collected = [s for m in backend.registry.collect() for s in m.samples]
+    # Every sample is one the specs announce (the dashboard and rules are checked against the same names).
+    assert {s.name for s in collected if not s.name.endswith("_created")} <= exported_names(ENGINE_METRICS)
+    samples = {(s.name, s.labels.get("priority_class")): s.value for s in collected}
     assert samples[("qllm_time_to_first_token_seconds_count", "best_effort")] >= 1
     assert samples[("qllm_requests_finished_total", "best_effort")] >= 1
 
