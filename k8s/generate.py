@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Generate the Kubernetes manifests that must agree with serve_config.yaml.
 
-`python k8s/generate.py` rewrites three files from serve_config.yaml:
+`python k8s/generate.py` rewrites four files from serve_config.yaml:
 
 - k8s/rayservice.yaml: a KubeRay RayService whose `serveConfigV2` is serve_config.yaml's application,
   changed only by `K8S_OVERRIDES` below (GPU placement, a checkpoint on a mounted volume, the proxy
   listening on the pod IP);
 - k8s/rules/qllm-rules.yaml: the SLO alerts as a plain Prometheus rules file (what `promtool check rules`
   takes), their thresholds read from the application's args (`slo_target`, `ls_ttft_slo_s`, ...);
-- k8s/prometheusrule.yaml: the same rule groups wrapped in a Prometheus Operator PrometheusRule.
+- k8s/prometheusrule.yaml: the same rule groups wrapped in a Prometheus Operator PrometheusRule;
+- k8s/grafana-dashboard-configmap.yaml: the Grafana dashboard (JSON) in a ConfigMap that kube-prometheus-stack's
+  Grafana sidecar loads, its SLO lines and limits read from the same args.
 
 `--check` writes nothing and exits 1 when a committed file differs from what would be generated (the tests
 run the same comparison). `--image REF --stdout` prints the RayService with another image, for deploying
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 from collections.abc import Mapping
@@ -35,6 +38,7 @@ K8S_DIR = REPO_ROOT / "k8s"
 RAYSERVICE_PATH = K8S_DIR / "rayservice.yaml"
 PROMETHEUS_RULE_PATH = K8S_DIR / "prometheusrule.yaml"
 RULES_PATH = K8S_DIR / "rules" / "qllm-rules.yaml"
+DASHBOARD_CONFIGMAP_PATH = K8S_DIR / "grafana-dashboard-configmap.yaml"
 
 APP_NAME = "qllm"
 RAY_VERSION = "2.60.0"
@@ -402,6 +406,464 @@ def prometheus_rule(groups: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# --- Grafana dashboard ---------------------------------------------------------------------------------
+
+# Every query goes to the Prometheus picked in the dashboard's `datasource` variable: the dashboard works
+# with whatever data source name or uid a Grafana has, instead of one pinned uid.
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Grafana sizes this window to at least four scrape intervals, so rate() always has two samples.
+RATE = "$__rate_interval"
+GRID_WIDTH = 24  # Grafana's dashboard grid
+# kube-prometheus-stack's Grafana sidecar loads the dashboards of ConfigMaps carrying this label.
+GRAFANA_DASHBOARD_LABEL = {"grafana_dashboard": "1"}
+DASHBOARD_KEY = f"{APP_NAME}-dashboard.json"  # the ConfigMap key; the sidecar writes it to a file of that name
+# Utilisation above which a KV gauge turns orange/red: near full, new prompts wait for blocks and KV
+# gets evicted (see the evictions panel).
+KV_WARN, KV_CRIT = 0.8, 0.95
+
+# The metrics as scraped (Ray's export prefixes `ray_`). Literal names because this script must not import
+# the project; tests/k8s/test_dashboard.py checks every name against the specs in the code.
+TPOT = "ray_qllm_time_per_output_token_seconds"
+QUEUE_WAIT = "ray_qllm_queue_wait_seconds"
+FINISHED = "ray_qllm_requests_finished_total"
+GENERATED = "ray_qllm_generation_tokens_total"
+PROMPT = "ray_qllm_prompt_tokens_total"
+PREEMPTIONS = "ray_qllm_preemptions_total"
+EVICTIONS = "ray_qllm_kv_evictions_total"
+RUNNING = "ray_qllm_requests_running"
+WAITING = "ray_qllm_requests_waiting"
+KV_USAGE = "ray_qllm_kv_cache_usage_ratio"
+PLACEMENTS = "ray_qllm_router_placements_total"
+BE_HOLDS = "ray_qllm_router_be_holds_total"
+REJECTED = "ray_qllm_router_rejected_total"
+BE_HELD = "ray_qllm_router_be_held"
+QUEUE_DEPTH = "ray_qllm_router_queue_depth"
+ROUTER_ATTAINMENT = "ray_qllm_router_slo_attainment_ratio"
+REPLICA_LOAD = "ray_qllm_router_replica_load"
+REPLICAS = "ray_qllm_router_replicas"
+
+Query = tuple[str, str]  # (PromQL, legend)
+
+
+def _quantile(q: float, histogram: str, selector: str = "") -> str:
+    """Quantile `q` per class from a histogram's buckets. Never a mean: Ray's `_sum` is an estimate."""
+    return f"histogram_quantile({q}, sum by (le, priority_class) (rate({histogram}_bucket{selector}[{RATE}])))"
+
+
+def _thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:
+    """Absolute threshold steps, (colour, lower bound) each; the first bound is None (minus infinity)."""
+    return {"mode": "absolute", "steps": [{"color": color, "value": value} for color, value in steps]}
+
+
+def _targets(queries: list[Query]) -> list[dict[str, Any]]:
+    return [
+        {"datasource": dict(DATASOURCE), "refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
+        for i, (expr, legend) in enumerate(queries)
+    ]
+
+
+def _timeseries(
+    title: str,
+    description: str,
+    queries: list[Query],
+    *,
+    unit: str,
+    width: int = 12,
+    line: tuple[str, float] | None = None,
+    bad_below: bool = False,
+    minimum: float | None = 0,
+    maximum: float | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A time series panel; `line` = (name, value) draws a dashed threshold line (an SLO, a limit), red
+    above it, or red below it with `bad_below`."""
+    custom: dict[str, Any] = {
+        "drawStyle": "line",
+        "lineWidth": 1,
+        "fillOpacity": 10,
+        "showPoints": "never",
+        "spanNulls": False,
+        "thresholdsStyle": {"mode": "dashed" if line else "off"},
+    }
+    if line is None:
+        thresholds = _thresholds(("green", None))
+    elif bad_below:
+        thresholds = _thresholds(("red", None), ("green", line[1]))
+    else:
+        thresholds = _thresholds(("green", None), ("red", line[1]))
+    defaults: dict[str, Any] = {
+        "unit": unit,
+        "color": {"mode": "palette-classic"},  # series in palette colours, not in their threshold's colour
+        "custom": custom,
+        "thresholds": thresholds,
+    }
+    if minimum is not None:
+        defaults["min"] = minimum
+    if maximum is not None:
+        defaults["max"] = maximum
+    if line is not None:
+        description += f" Dashed line: {line[0]} = {_num(line[1])}."
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": dict(DATASOURCE),
+        "gridPos": {"h": 8, "w": width},
+        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+        "targets": _targets(queries),
+    }
+
+
+def _stat(
+    title: str,
+    description: str,
+    expr: str,
+    *,
+    unit: str,
+    thresholds: dict[str, Any],
+    gauge: bool = False,
+    decimals: int | None = None,
+) -> dict[str, Any]:
+    """A one-number panel (the latest value), coloured by `thresholds`; a 0..1 gauge with `gauge`."""
+    defaults: dict[str, Any] = {"unit": unit, "color": {"mode": "thresholds"}, "thresholds": thresholds}
+    if decimals is not None:
+        defaults["decimals"] = decimals
+    reduce = {"calcs": ["lastNotNull"], "fields": "", "values": False}
+    if gauge:
+        defaults |= {"min": 0, "max": 1}
+        options: dict[str, Any] = {"reduceOptions": reduce, "showThresholdLabels": False, "showThresholdMarkers": True}
+    else:
+        options = {
+            "reduceOptions": reduce,
+            "colorMode": "background",
+            "graphMode": "area",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "textMode": "value",
+        }
+    return {
+        "type": "gauge" if gauge else "stat",
+        "title": title,
+        "description": description,
+        "datasource": dict(DATASOURCE),
+        "gridPos": {"h": 4, "w": 4},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": options,
+        "targets": _targets([(expr, "")]),
+    }
+
+
+def _layout(sections: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The panels with ids and grid positions: each section under a row header, its panels left to right,
+    wrapping at the grid width."""
+    panels: list[dict[str, Any]] = []
+    y = 0
+    for title, section in sections:
+        panels.append(
+            {
+                "id": len(panels) + 1,
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": GRID_WIDTH, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        y += 1
+        x, line_height = 0, 0
+        for panel in section:
+            w, h = panel["gridPos"]["w"], panel["gridPos"]["h"]
+            if x + w > GRID_WIDTH:
+                x, y, line_height = 0, y + line_height, 0
+            panels.append({"id": len(panels) + 1, **panel, "gridPos": {"h": h, "w": w, "x": x, "y": y}})
+            x += w
+            line_height = max(line_height, h)
+        y += line_height
+    return panels
+
+
+def dashboard(serve_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The Grafana dashboard; its SLO lines and limits are the k8s variant's application args."""
+    args = app_args(k8s_serve_config(serve_config))
+    ls_slo, be_slo = float(args["ls_ttft_slo_s"]), float(args["be_ttft_slo_s"])
+    target = float(args["slo_target"])
+    max_be = int(args["max_queued_be"])
+    ls, be = "{" + LS + "}", "{" + BE + "}"
+
+    overview = [
+        _stat(
+            "LS SLO attainment (1h)",
+            f"Share of latency-sensitive requests whose first token came within ls_ttft_slo_s = {_num(ls_slo)} s "
+            f"over the last hour (recording rule {ATTAINMENT.format(window='1h')}). Objective: slo_target = "
+            f"{_num(target)}. NaN: no LS request in the hour.",
+            ATTAINMENT.format(window="1h") + ls,
+            unit="percentunit",
+            decimals=2,
+            thresholds=_thresholds(("red", None), ("green", target)),
+        ),
+        _stat(
+            "LS TTFT p99",
+            f"99th percentile of latency-sensitive time to first token; red above ls_ttft_slo_s = {_num(ls_slo)} s.",
+            _quantile(0.99, TTFT, ls),
+            unit="s",
+            thresholds=_thresholds(("green", None), ("red", ls_slo)),
+        ),
+        _stat(
+            "Output tokens/s",
+            "Tokens generated per second, all replicas and classes.",
+            f"sum(rate({GENERATED}[{RATE}]))",
+            unit="short",
+            thresholds=_thresholds(("blue", None)),
+        ),
+        _stat(
+            "Replicas reporting",
+            "Engine replicas whose load reports the priority router received recently.",
+            f"max({REPLICAS})",
+            unit="short",
+            thresholds=_thresholds(("red", None), ("green", 1)),
+        ),
+        _stat(
+            "BE held back",
+            f"Best-effort requests the router holds back now; beyond max_queued_be = {max_be} new ones get 429.",
+            f"sum({BE_HELD})",
+            unit="short",
+            thresholds=_thresholds(("green", None), ("orange", BE_QUEUE_NEAR_LIMIT * max_be), ("red", max_be)),
+        ),
+        _stat(
+            "KV cache usage (fullest replica)",
+            "Fraction of KV blocks in use on the replica where it is highest.",
+            f"max({KV_USAGE})",
+            unit="percentunit",
+            gauge=True,
+            thresholds=_thresholds(("green", None), ("orange", KV_WARN), ("red", KV_CRIT)),
+        ),
+    ]
+    latency = [
+        _timeseries(
+            "LS TTFT p50 / p99",
+            "Latency-sensitive time to first token, quantiles of the histogram buckets of all replicas.",
+            [(_quantile(0.5, TTFT, ls), "p50"), (_quantile(0.99, TTFT, ls), "p99")],
+            unit="s",
+            line=("ls_ttft_slo_s", ls_slo),
+        ),
+        _timeseries(
+            "BE TTFT p50 / p99",
+            "Best-effort time to first token against its own, looser objective; quantiles of the histogram buckets.",
+            [(_quantile(0.5, TTFT, be), "p50"), (_quantile(0.99, TTFT, be), "p99")],
+            unit="s",
+            line=("be_ttft_slo_s", be_slo),
+        ),
+        _timeseries(
+            "TTFT SLO attainment",
+            f"Share of requests whose first token came within their class's objective (ls_ttft_slo_s = "
+            f"{_num(ls_slo)} s, be_ttft_slo_s = {_num(be_slo)} s), from the recording rules the alerts use.",
+            [
+                (ATTAINMENT.format(window="5m"), "{{priority_class}} 5m"),
+                (ATTAINMENT.format(window="1h") + ls, "{{priority_class}} 1h"),
+            ],
+            unit="percentunit",
+            line=("slo_target", target),
+            bad_below=True,
+            minimum=None,  # attainment lives near 1: a 0 floor would flatten 0.98 against 0.99
+            maximum=1,
+        ),
+        _timeseries(
+            "Router's LS SLO attainment per replica",
+            "The priority router's view, which steers LS requests away from replicas at risk: each replica's "
+            "LS attainment over its last slo_window requests.",
+            [(f"max by (replica) ({ROUTER_ATTAINMENT}{ls})", "{{replica}}")],
+            unit="percentunit",
+            line=("slo_target", target),
+            bad_below=True,
+            minimum=None,
+            maximum=1,
+        ),
+        _timeseries(
+            "Time per output token p50 / p99",
+            "Mean time between the output tokens of a finished request, quantiles per class.",
+            [
+                (_quantile(0.5, TPOT), "{{priority_class}} p50"),
+                (_quantile(0.99, TPOT), "{{priority_class}} p99"),
+            ],
+            unit="s",
+        ),
+        _timeseries(
+            "Queue wait p99",
+            "Arrival to first scheduled at an engine, 99th percentile per class.",
+            [(_quantile(0.99, QUEUE_WAIT), "{{priority_class}}")],
+            unit="s",
+        ),
+    ]
+    traffic = [
+        _timeseries(
+            "Tokens/s per class",
+            "Output tokens generated and prompt tokens admitted per second, all replicas.",
+            [
+                (f"sum by (priority_class) (rate({GENERATED}[{RATE}]))", "{{priority_class}} output"),
+                (f"sum by (priority_class) (rate({PROMPT}[{RATE}]))", "{{priority_class}} prompt"),
+            ],
+            unit="short",
+        ),
+        _timeseries(
+            "Requests/s",
+            "Requests finished per second by class and finish reason, and requests refused with 429 (queue "
+            f"full: max_queued_ls = {int(args['max_queued_ls'])}, max_queued_be = {max_be}).",
+            [
+                (
+                    f"sum by (priority_class, finish_reason) (rate({FINISHED}[{RATE}]))",
+                    "{{priority_class}} {{finish_reason}}",
+                ),
+                (f"sum by (priority_class) (rate({REJECTED}[{RATE}]))", "{{priority_class}} rejected (429)"),
+            ],
+            unit="reqps",
+        ),
+        _timeseries(
+            "Queue depths",
+            "Router: requests of a class waiting anywhere (queued at replicas, placed since their last report, "
+            "or held at the router). Engines: requests queued for a forward pass, and inside one.",
+            [
+                (f"max by (priority_class) ({QUEUE_DEPTH})", "{{priority_class}} waiting (router)"),
+                (f"sum by (priority_class) ({WAITING})", "{{priority_class}} waiting (engines)"),
+                (f"sum by (priority_class) ({RUNNING})", "{{priority_class}} running (engines)"),
+            ],
+            unit="short",
+        ),
+        _timeseries(
+            "BE held back at the router",
+            "Best-effort requests the router holds back (until LS load allows, at most be_hold_max_s), and how "
+            "many it starts holding per second.",
+            [(f"sum({BE_HELD})", "held now"), (f"sum(rate({BE_HOLDS}[{RATE}]))", "new holds/s")],
+            unit="short",
+            line=("max_queued_be", max_be),
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "new holds/s"},
+                    "properties": [
+                        {"id": "unit", "value": "reqps"},
+                        {"id": "custom.axisPlacement", "value": "right"},
+                        {"id": "custom.thresholdsStyle", "value": {"mode": "off"}},
+                    ],
+                }
+            ],
+        ),
+    ]
+    engines = [
+        _timeseries(
+            "Preemptions/s by granularity",
+            "Forward passes suspended for more urgent work, by where they were paused (iteration, layer, "
+            "expert), all replicas.",
+            [(f"sum by (granularity) (rate({PREEMPTIONS}[{RATE}]))", "{{granularity}}")],
+            unit="short",
+            width=8,
+        ),
+        _timeseries(
+            "KV cache usage per replica",
+            "Fraction of each replica's KV blocks in use.",
+            [(f"max by (replica) ({KV_USAGE})", "{{replica}}")],
+            unit="percentunit",
+            width=8,
+            maximum=1,
+        ),
+        _timeseries(
+            "KV evictions/s per class",
+            "Requests whose KV cache was dropped under memory pressure (they recompute it later).",
+            [(f"sum by (priority_class) (rate({EVICTIONS}[{RATE}]))", "{{priority_class}}")],
+            unit="short",
+            width=8,
+        ),
+        _timeseries(
+            "Load per replica",
+            "Requests running or waiting on each replica, per class, as the replica last reported to the router.",
+            [(f"max by (replica, priority_class) ({REPLICA_LOAD})", "{{replica}} {{priority_class}}")],
+            unit="short",
+        ),
+        _timeseries(
+            "Placements/s per replica",
+            "Requests the priority router sent to each replica per second, per class.",
+            [
+                (
+                    f"sum by (replica, priority_class) (rate({PLACEMENTS}[{RATE}]))",
+                    "{{replica}} {{priority_class}}",
+                )
+            ],
+            unit="reqps",
+        ),
+    ]
+    return {
+        "uid": APP_NAME,  # stable: links and bookmarks survive re-provisioning
+        "title": APP_NAME,
+        "description": "qllm on Ray Serve: TTFT against the SLOs, throughput, queues, preemption, KV cache, "
+        "replica load. GENERATED by k8s/generate.py from serve_config.yaml; edits made in Grafana are lost.",
+        "tags": [APP_NAME, "ray-serve"],
+        "editable": True,
+        "graphTooltip": 1,  # shared crosshair
+        "refresh": "10s",
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "timezone": "browser",
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "includeAll": False,
+                    "multi": False,
+                    "options": [],
+                    "refresh": 1,
+                    "regex": "",
+                }
+            ]
+        },
+        "panels": _layout(
+            [
+                ("Overview", overview),
+                ("Latency against the SLOs", latency),
+                ("Throughput and queues", traffic),
+                ("Engines and replicas", engines),
+            ]
+        ),
+        "links": [],
+        "version": 1,
+    }
+
+
+def dashboard_json(serve_config: Mapping[str, Any]) -> str:
+    """The dashboard as the JSON text the ConfigMap carries (ASCII only, so YAML keeps it a literal block)."""
+    return json.dumps(dashboard(serve_config), indent=2) + "\n"
+
+
+def dashboard_configmap(text: str) -> dict[str, Any]:
+    """The ConfigMap the Grafana sidecar loads the dashboard JSON `text` from."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{APP_NAME}-grafana-dashboard", "labels": {**APP_LABELS, **GRAFANA_DASHBOARD_LABEL}},
+        "data": {DASHBOARD_KEY: text},
+    }
+
+
 # --- rendering -----------------------------------------------------------------------------------------
 
 
@@ -440,6 +902,8 @@ def render(serve_config: Mapping[str, Any], image: str = IMAGE) -> dict[Path, st
         + dump_yaml({"groups": groups}),
         PROMETHEUS_RULE_PATH: _header("qllm SLO rules as a Prometheus Operator PrometheusRule.")
         + dump_yaml(prometheus_rule(groups)),
+        DASHBOARD_CONFIGMAP_PATH: _header("The qllm Grafana dashboard, for kube-prometheus-stack's Grafana sidecar.")
+        + dump_yaml(dashboard_configmap(dashboard_json(serve_config))),
     }
 
 
