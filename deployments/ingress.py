@@ -175,7 +175,7 @@ class Ingress:
             retry = max(1, round(decision["retry_after_s"]))
             raise ApiError(
                 429,
-                "the server is overloaded with best-effort work; retry later",
+                f"the {priority.label} queue is full; retry in {retry} s",
                 code="overloaded",
                 headers={"Retry-After": str(retry)},
             )

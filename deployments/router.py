@@ -69,9 +69,9 @@ class PriorityRouter:
             if self._queued(LS) >= self._s.max_queued_ls:
                 return self._reject(LS, 1.0)
             return self._place(LS, 0.0)
+        if self._queued(BE) >= self._s.max_queued_be:
+            return self._reject(BE, self._s.be_hold_max_s)
         if not self._can_take_be():
-            if len(self._held) >= self._s.max_queued_be:
-                return self._reject(BE, self._s.be_hold_max_s)
             start = time.monotonic()
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._held.append(waiter)

@@ -44,7 +44,7 @@ class AppSettings:
     be_hold_max_s: float = 5.0
     """Longest the router holds a BE request back (its aging bound at the router)."""
     max_queued_be: int = 256
-    """BE requests the router may hold; more get 429 with Retry-After."""
+    """BE requests that may wait (held at the router, or queued at the replicas); more get 429 with Retry-After."""
     max_queued_ls: int = 1024
     """LS requests waiting for a prefill across all replicas; beyond it LS too gets 429."""
     stats_period_s: float = 0.5

@@ -377,12 +377,12 @@ def _alerting_rules(args: Mapping[str, Any]) -> list[dict[str, Any]]:
         ),
         _alert(
             "QllmBestEffortQueueNearLimit",
-            f"sum(ray_qllm_router_be_held) >= {_num(near_limit)}\n",
+            f'max(ray_qllm_router_queue_depth{{priority_class="best_effort"}}) >= {_num(near_limit)}\n',
             "5m",
             "warning",
-            "The router holds almost max_queued_be best-effort requests",
-            f"{{{{ $value }}}} best-effort requests are held at the router; beyond {int(args['max_queued_be'])} "
-            "(max_queued_be) new ones get 429.",
+            "Almost max_queued_be best-effort requests are waiting",
+            f"{{{{ $value }}}} best-effort requests wait (held at the router or queued at the replicas); beyond "
+            f"{int(args['max_queued_be'])} (max_queued_be) new ones get 429.",
         ),
     ]
 
@@ -627,9 +627,10 @@ def dashboard(serve_config: Mapping[str, Any]) -> dict[str, Any]:
             thresholds=_thresholds(("red", None), ("green", 1)),
         ),
         _stat(
-            "BE held back",
-            f"Best-effort requests the router holds back now; beyond max_queued_be = {max_be} new ones get 429.",
-            f"sum({BE_HELD})",
+            "BE waiting",
+            "Best-effort requests waiting (held back at the router, or queued at the replicas); beyond "
+            f"max_queued_be = {max_be} new ones get 429.",
+            f'max({QUEUE_DEPTH}{{priority_class="best_effort"}})',
             unit="short",
             thresholds=_thresholds(("green", None), ("orange", BE_QUEUE_NEAR_LIMIT * max_be), ("red", max_be)),
         ),
@@ -738,7 +739,6 @@ def dashboard(serve_config: Mapping[str, Any]) -> dict[str, Any]:
             "many it starts holding per second.",
             [(f"sum({BE_HELD})", "held now"), (f"sum(rate({BE_HOLDS}[{RATE}]))", "new holds/s")],
             unit="short",
-            line=("max_queued_be", max_be),
             overrides=[
                 {
                     "matcher": {"id": "byName", "options": "new holds/s"},
