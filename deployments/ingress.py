@@ -32,6 +32,7 @@ from deployments.openai_api import (
     sse,
     usage_chunk,
 )
+from deployments.request_log import RequestLog
 from deployments.request_router import PLACEMENT_KWARG
 from deployments.settings import AppSettings
 from qllm_core.errors import InvalidRequestError
@@ -145,11 +146,18 @@ class Ingress:
             "request_id": request_id,
             "ttft_deadline_s": None if body.ttft_deadline_ms is None else body.ttft_deadline_ms / 1000,
         }
-        first, stream = await self._open(payload, priority)
-        if body.stream:
-            events = self._events(kind, request_id, first, stream, body.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text, item = await self._collect(first, stream)
+        log = RequestLog(request_id, priority.label, kind, body.stream, prompt=prompt if self._s.log_prompts else None)
+        try:
+            first, stream = await self._open(payload, priority)
+            log.first_item(first)
+            if body.stream:
+                events = self._events(kind, request_id, first, stream, body.include_usage, log)
+                return StreamingResponse(events, media_type="text/event-stream")
+            text, item = await self._collect(first, stream)
+        except ApiError as exc:
+            log.finish(logger, exc.status, error=exc.code or str(exc.status))
+            raise
+        log.finish(logger, 200, item)
         usage = _usage(item)
         make = chat_body if kind == "chat" else completion_body
         return JSONResponse(make(request_id, self._model, text, _finish(item), usage))
@@ -222,9 +230,11 @@ class Ingress:
         first: dict[str, Any],
         stream: DeploymentResponseGenerator,
         include_usage: bool,
+        log: RequestLog,
     ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         item = first
+        failed: str | None = None
         try:
             if kind == "chat":
                 yield sse(chat_chunk(request_id, self._model, {"role": "assistant", "content": ""}, None))
@@ -246,7 +256,11 @@ class Ingress:
                 f"the engine replica failed mid-stream ({type(exc).__name__}); the output above is incomplete",
                 code="replica_failed",
             )
+            failed = "replica_failed"
             yield sse(error.body())
         finally:
             stream.cancel()  # no-op when finished; aborts the request on the replica if the client left
+            # The client leaving ends this generator early: the line says so (status 499, nginx's convention).
+            status = 200 if item["finished"] or failed else 499
+            log.finish(logger, status, item, error=failed or (None if status == 200 else "client_disconnected"))
         yield sse("[DONE]")

@@ -53,6 +53,8 @@ class AppSettings:
     """Largest accepted request body."""
     placement_attempts: int = 3
     """Replicas tried for a request that has no token yet when its replica dies."""
+    log_prompts: bool = False
+    """Put prompt text (its first 2000 characters) in the per-request log lines; off, lines carry no user text."""
     api_key_file: str | None = None
     """A file holding the API key (e.g. a mounted Kubernetes secret); $QLLM_API_KEY also works. No key: open."""
     routing: str = "priority"
@@ -79,6 +81,8 @@ class AppSettings:
             raise ConfigError(f"slo_target={self.slo_target} must be in (0, 1]")
         if self.routing not in ROUTING_MODES:
             raise ConfigError(f"routing={self.routing!r} is unknown; use one of {', '.join(ROUTING_MODES)}")
+        if not isinstance(self.log_prompts, bool):
+            raise ConfigError(f"log_prompts={self.log_prompts!r} must be true or false")
         if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
             raise ConfigError("autoscaling must be a mapping of Ray Serve autoscaling_config fields")
 

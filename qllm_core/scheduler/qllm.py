@@ -6,13 +6,15 @@ selection follows the paper's Algorithm 1 in spirit, with two changes found by m
 prefill batch takes spare slots from BE *decodes* only (one BE prompt in it would add its whole
 prefill to the LS TTFT), and when only LS decodes are queued the batch is filled with any BE work,
 prompts included, since that pass can still be suspended for the next LS prompt; without that,
-steady LS decoding starves BE prefills. An aging bound (`be_max_wait_s`) stops BE from being
-preempted or passed over once it has waited that long, so BE never starves.
+steady LS decoding starves BE prefills. An aging bound (`be_max_wait_s`) guarantees BE progress:
+BE work that has waited that long goes into the next pass ahead of everything, and a pass held back that
+long is no longer preempted. The LS prompts still join that pass, so under overload an LS prompt waits
+for at most one pass carrying aged BE work, never for a queue of them.
 """
 
 from __future__ import annotations
 
-from qllm_core.request import PriorityClass
+from qllm_core.request import PriorityClass, Request
 from qllm_core.scheduler.base import BatchBuilder, BatchPlan, PassInfo, Policy, SchedulerView, urgency
 
 LS = PriorityClass.LATENCY_SENSITIVE
@@ -30,10 +32,12 @@ class QllmPolicy(Policy):
         ls_prefill = sorted(view.waiting[LS], key=urgency)
         ls_decode = sorted(view.ready[LS], key=urgency)
         be_prefill, be_decode = view.waiting[BE], view.ready[BE]
-        if self._be_aged(view):
-            builder.add_in_order(be_decode, skip_misfits=True)
-            builder.add_in_order(be_prefill)
-            builder.add_in_order(ls_decode + ls_prefill, skip_misfits=True)
+        aged = self._aged_be(view)
+        if aged:
+            builder.add_in_order(aged, skip_misfits=True)
+            builder.add_in_order(ls_prefill, skip_misfits=True)
+            builder.add_in_order(ls_decode, skip_misfits=True)
+            builder.add_in_order([r for r in be_decode if r not in aged], skip_misfits=True)
         elif ls_prefill:
             builder.add_in_order(ls_prefill, skip_misfits=True)
             builder.add_in_order(ls_decode, skip_misfits=True)
@@ -53,7 +57,7 @@ class QllmPolicy(Policy):
             return False
         if running.num_tokens * running.layers_left <= self.config.max_batch_size * self._num_layers(running):
             return False
-        return running.held_back_s < self.config.be_max_wait_s and not self._be_aged(view)
+        return running.held_back_s < self.config.be_max_wait_s
 
     @staticmethod
     def _num_layers(running: PassInfo) -> int:
@@ -66,5 +70,8 @@ class QllmPolicy(Policy):
             return False
         return not view.waiting[LS] or suspended.held_back_s >= self.config.be_max_wait_s
 
-    def _be_aged(self, view: SchedulerView) -> bool:
-        return view.oldest_wait(BE) >= self.config.be_max_wait_s
+    def _aged_be(self, view: SchedulerView) -> list[Request]:
+        """BE requests queued at least `be_max_wait_s`, longest-waiting first."""
+        queued = view.ready[BE] + view.waiting[BE]
+        aged = [r for r in queued if view.now - r.waiting_since >= self.config.be_max_wait_s]
+        return sorted(aged, key=lambda r: r.waiting_since)

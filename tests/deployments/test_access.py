@@ -11,6 +11,7 @@ from ray import serve
 
 from deployments.app import build_app
 from tests.deployments.conftest import APP_ARGS, wait_healthy
+from tests.deployments.logs import serve_log_lines, serve_log_text
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +54,15 @@ def test_right_key_works_and_health_needs_none(locked_app: str) -> None:
         timeout=60,
     )
     assert r.status_code == 200, r.text
+
+
+def test_the_key_is_never_logged(locked_app: str) -> None:
+    r = httpx.post(
+        f"{locked_app}/v1/completions",
+        json={"prompt": "x", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert serve_log_lines("locked", r.json()["id"]), "the request was not logged"
+    assert KEY not in serve_log_text()

@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.deployments.logs import serve_log_lines, serve_log_text
+
 pytestmark = pytest.mark.integration
 
 
@@ -166,3 +168,20 @@ def test_client_that_disconnects_has_its_request_aborted_on_the_replica(serve_ap
             return
         time.sleep(0.2)
     raise AssertionError(f"the abandoned request still holds resources: {loads}")
+
+
+def test_request_log_line_has_id_class_and_timings_but_no_prompt(serve_app: str) -> None:
+    prompt = "do-not-log-this-prompt"
+    r = httpx.post(
+        f"{serve_app}/v1/completions",
+        json={"prompt": prompt, "max_tokens": 3, "priority": "ls", "ignore_eos": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    lines = serve_log_lines("qllm", r.json()["id"])
+    assert len(lines) == 1, lines
+    fields = dict(part.split("=", 1) for part in lines[0].split("qllm request ", 1)[1].split())
+    assert fields["class"] == "latency_sensitive" and fields["status"] == "200" and fields["completion_tokens"] == "3"
+    assert float(fields["ttft_ms"]) > 0 and float(fields["total_ms"]) >= float(fields["ttft_ms"])
+    assert float(fields["engine_ttft_ms"]) > 0 and fields["replica"] != "-"
+    assert prompt not in serve_log_text()

@@ -110,6 +110,19 @@ def test_qllm_aging_stops_preemption_and_puts_be_first() -> None:
     assert not policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=1.0)))
 
 
+def test_qllm_aged_be_shares_the_next_pass_with_ls_prompts_and_young_be_waits() -> None:
+    # Overload: two BE prompts past the bound, one young BE prompt, an LS prompt and a BE decode.
+    aged = [req(f"old{i}", BE, i * 0.1, prompt=25) for i in range(2)]
+    young = req("young", BE, 9.0, prompt=5)
+    rs = [*aged, young, req("ls", LS, 9.5, prompt=10), req("bed", BE, 9.8, decoding=True)]
+    # The aged BE work goes first (the bound), the LS prompt still rides along (it waits one pass, not a
+    # queue of aged passes), then decodes; the young BE prompt waits its turn.
+    assert plan_ids("qllm", view(rs, now=10.0)) == ["old0", "old1", "ls", "bed"]
+    # A queue of aged BE no longer blocks preempting a young pass for an LS prompt: the next pass takes both.
+    policy = POLICIES["qllm"](CONFIG)
+    assert policy.should_preempt(view([*aged, req("ls", LS, 9.5)], now=10.0, running=running_pass({BE})))
+
+
 def test_batch_limits_and_kv_headroom_are_respected() -> None:
     rs = [req(f"be{i}", BE, i * 0.1, prompt=30) for i in range(6)]
     assert plan_ids("qllm", view(rs)) == ["be0", "be1", "be2"]  # 3 x 30 tokens; a 4th would pass 100

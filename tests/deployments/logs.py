@@ -1,0 +1,30 @@
+"""Reading the ingress replicas' log files of the session's Ray cluster (Ray Serve writes one per replica)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+# Ray's default temporary directory; `session_latest` points at the running session.
+SERVE_LOGS = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs" / "serve"  # noqa: S108
+
+
+def serve_log_text() -> str:
+    """Everything Ray Serve's replicas, proxies and controller have logged in this session."""
+    return "\n".join(p.read_text(errors="replace") for p in sorted(SERVE_LOGS.glob("*.log")))
+
+
+def serve_log_lines(app: str, needle: str, timeout: float = 15.0) -> list[str]:
+    """Lines of `app`'s ingress replica logs that contain `needle`, waiting until there is one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [
+            line
+            for path in sorted(SERVE_LOGS.glob(f"replica_{app}_Ingress_*.log"))
+            for line in path.read_text(errors="replace").splitlines()
+            if needle in line
+        ]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)
