@@ -13,38 +13,16 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
-import ray
 from ray import serve
 
+from benchmarks.local_app import deploy, local_cluster
 from benchmarks.metrics import summarize
 from benchmarks.runners import HttpRunner, HttpSettings
 from benchmarks.workload import LengthDistribution, WorkloadSettings, poisson_workload
-from deployments.app import build_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(base: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError("the application did not become healthy")
 
 
 async def _run(base: str, model: str, workload: Any, slo_s: float) -> dict[str, Any]:
@@ -79,10 +57,6 @@ def main() -> None:
         ),
         args.rate,
     )
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "model": args.model,
@@ -92,7 +66,7 @@ def main() -> None:
         "slo_s": args.slo_s,
         "replicas": 2,
     }
-    try:
+    with local_cluster() as base:
         for routing in ("power_of_two", "priority"):
             app_args = {
                 "model_name": "bench",
@@ -102,8 +76,7 @@ def main() -> None:
                 "ls_ttft_slo_s": args.slo_s,
                 "engine": {"model": args.model, "device": "cpu", "kv_cache_tokens": 32768},
             }
-            serve.run(build_app(app_args), name="qllm", route_prefix="/", blocking=False)
-            _wait_healthy(base)
+            deploy(base, app_args)
             results[routing] = asyncio.run(_run(base, "bench", workload, args.slo_s))
             ls = results[routing]["metrics"]["ls"]
             summary = {
@@ -116,9 +89,6 @@ def main() -> None:
                 routing, json.dumps(summary), f"be_tok/s={results[routing]['be_output_tokens_per_s']:.1f}", flush=True
             )
             serve.delete("qllm")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

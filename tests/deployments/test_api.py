@@ -159,14 +159,17 @@ def test_client_that_disconnects_has_its_request_aborted_on_the_replica(serve_ap
     with httpx.stream("POST", f"{serve_app}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    # The connection is closed mid-stream; within a few report periods no replica holds KV any more.
+    hung_up_at = time.time()
+    # The connection is closed mid-stream. Replicas report every 0.2 s (wall clock in `reported_at`): the
+    # first report in which no replica runs anything or holds KV must come within a second of the hang-up.
     router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         loads = [r["load"] for r in router.stats.remote().result(timeout_s=10)["replicas"].values()]
         if loads and all(x["kv_usage"] == 0 and x["ls_running"] + x["be_running"] == 0 for x in loads):
+            assert max(x["reported_at"] for x in loads) - hung_up_at <= 1.0, loads
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError(f"the abandoned request still holds resources: {loads}")
 
 

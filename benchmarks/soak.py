@@ -1,0 +1,221 @@
+"""Soak benchmark (not a test): minutes of mixed traffic on loopback; nothing may be lost, memory must stay flat.
+
+The qllm app (two replicas) gets seeded Poisson traffic: LS and BE, streaming and not, completions and
+chat, a few clients that hang up mid-stream and a few malformed requests. Every request must end as
+completed (all its tokens), an explicit error (HTTP status and error code, or an error event in the
+stream), or a deliberate hang-up; anything else (timeout, reset connection, a stream cut without an
+error, a short answer) is *lost*. Engine replica memory (RSS) is sampled after a warm-up and at the end.
+
+Run: `python -m benchmarks.soak --minutes 5 --out benchmarks/results/soak.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from ray import serve
+
+from benchmarks.local_app import deploy, local_cluster
+
+REPLICA_PROCESS = "ServeReplica:qllm:EngineReplica"
+WORDS = ["alpha", "beta", "gamma", "delta", "moe", "expert", "token", "layer", "route", "cache", "serve"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request of the soak: what to send and what the client will do."""
+
+    priority: str
+    chat: bool
+    stream: bool
+    prompt_words: int
+    max_tokens: int
+    hang_up: bool
+    """Close the connection after the first streamed token."""
+    malformed: bool
+    """Send an invalid temperature (expects 400)."""
+
+
+def make_plan(rng: random.Random) -> Plan:
+    """A random request: 25% LS, half streamed, 20% chat, 5% hang-ups (streams), 3% malformed."""
+    stream = rng.random() < 0.5
+    return Plan(
+        priority="ls" if rng.random() < 0.25 else "be",
+        chat=rng.random() < 0.2,
+        stream=stream,
+        prompt_words=rng.randint(4, 200),
+        max_tokens=rng.randint(4, 64),
+        hang_up=stream and rng.random() < 0.05,
+        malformed=rng.random() < 0.03,
+    )
+
+
+def _body(plan: Plan, rng: random.Random) -> dict[str, Any]:
+    text = " ".join(rng.choice(WORDS) for _ in range(plan.prompt_words))
+    body: dict[str, Any] = {
+        "max_tokens": plan.max_tokens,
+        "priority": plan.priority,
+        "ignore_eos": True,
+        "stream": plan.stream,
+        "temperature": -1.0 if plan.malformed else 0.0,
+    }
+    if plan.stream:
+        body["stream_options"] = {"include_usage": True}
+    if plan.chat:
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text
+    return body
+
+
+def _error_cause(status: int, text: str) -> str:
+    try:
+        error = json.loads(text)["error"]
+        return f"{status} {error.get('code') or error.get('type')}"
+    except (ValueError, KeyError, TypeError):
+        return f"{status} (no error object)"
+
+
+async def send(client: httpx.AsyncClient, base: str, plan: Plan, rng: random.Random) -> tuple[str, str]:
+    """Send one request; returns (outcome, detail) with outcome completed|errored|hung_up|lost."""
+    path = "/v1/chat/completions" if plan.chat else "/v1/completions"
+    try:
+        async with client.stream("POST", f"{base}{path}", json=_body(plan, rng), timeout=180) as r:
+            if r.status_code != 200:
+                return "errored", _error_cause(r.status_code, (await r.aread()).decode(errors="replace"))
+            if not plan.stream:
+                usage = json.loads(await r.aread())["usage"]
+                ok = usage["completion_tokens"] == plan.max_tokens
+                return ("completed", "") if ok else ("lost", f"short answer {usage['completion_tokens']}")
+            return await _read_stream(r, plan)
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        return "lost", type(exc).__name__
+
+
+async def _read_stream(r: httpx.Response, plan: Plan) -> tuple[str, str]:
+    tokens, done = None, False
+    async for line in r.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            break
+        event = json.loads(line[6:])
+        if "error" in event:
+            return "errored", f"stream {event['error'].get('code')}"
+        if plan.hang_up and event.get("choices"):
+            return "hung_up", ""  # leaving the `async with` closes the connection mid-stream
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    if done and tokens == plan.max_tokens:
+        return "completed", ""
+    return "lost", f"stream ended (done={done}, tokens={tokens})"
+
+
+def replica_rss() -> dict[int, int]:
+    """Resident memory of each engine replica process, by pid."""
+    found = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if REPLICA_PROCESS in " ".join(proc.info["cmdline"] or ()):
+            found[proc.info["pid"]] = proc.memory_info().rss
+    return found
+
+
+async def soak(base: str, minutes: float, rate: float, max_requests: int, seed: int) -> dict[str, Any]:
+    """Open-loop Poisson traffic for `minutes` (at most `max_requests`), then wait for every answer."""
+    rng = random.Random(seed)
+    outcomes: Counter[str] = Counter()
+    causes: Counter[str] = Counter()
+    samples: list[dict[str, Any]] = []
+    start = time.monotonic()
+
+    async def one(plan: Plan, request_rng: random.Random) -> None:
+        outcome, detail = await send(client, base, plan, request_rng)
+        outcomes[outcome] += 1
+        if detail:
+            causes[f"{outcome}: {detail}"] += 1
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)) as client:
+        tasks: list[asyncio.Task[None]] = []
+        next_sample = 0.0
+        while len(tasks) < max_requests and time.monotonic() - start < minutes * 60:
+            elapsed = time.monotonic() - start
+            if elapsed >= next_sample:
+                samples.append({"t_s": round(elapsed, 1), "rss": replica_rss()})
+                next_sample += 30.0
+            plan = make_plan(rng)
+            tasks.append(asyncio.create_task(one(plan, random.Random(rng.random()))))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    return {
+        "sent": len(tasks),
+        "duration_s": round(time.monotonic() - start, 1),
+        "outcomes": dict(outcomes),
+        "causes": dict(causes),
+        "rss_samples": samples,
+    }
+
+
+def main() -> None:
+    """Warm up, soak, then report outcomes, engine state and replica memory growth."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="engine model: tiny, bench or a checkpoint directory")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
+    parser.add_argument("--max-requests", type=int, default=2000)
+    parser.add_argument("--max-queued-be", type=int, default=24, help="small, so some BE gets 429 at peaks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
+    args = parser.parse_args()
+
+    app_args = {
+        "model_name": "qllm",
+        "replicas": 2,
+        "num_cpus": 1,
+        "max_queued_be": args.max_queued_be,
+        "engine": {"model": args.model, "device": "cpu", "kv_cache_tokens": 16384},
+    }
+    with local_cluster() as base:
+        deploy(base, app_args)
+        warm = asyncio.run(soak(base, minutes=0.5, rate=args.rate, max_requests=100, seed=args.seed + 1))
+        time.sleep(5)
+        rss_start = replica_rss()
+        run = asyncio.run(soak(base, args.minutes, args.rate, args.max_requests, args.seed))
+        time.sleep(5)  # replicas report their final, idle load
+        rss_end = replica_rss()
+        router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
+        loads = [r["load"] for r in router.stats.remote().result(timeout_s=30)["replicas"].values()]
+    growth = {str(p): round(100 * (rss_end[p] - rss_start[p]) / rss_start[p], 2) for p in rss_start if p in rss_end}
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "settings": vars(args) | {"out": str(args.out)},
+        "warmup": {"sent": warm["sent"], "outcomes": warm["outcomes"]},
+        **run,
+        "lost": run["outcomes"].get("lost", 0),
+        "engines_at_end": [{k: v for k, v in load.items() if not k.startswith("recent_")} for load in loads],
+        "replica_rss_mib": {
+            str(pid): {"start": round(rss_start[pid] / 2**20, 1), "end": round(rss_end.get(pid, 0) / 2**20, 1)}
+            for pid in rss_start
+        },
+        "replica_rss_growth_pct": growth,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: results[k] for k in ("sent", "outcomes", "causes", "lost", "replica_rss_growth_pct")}))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
