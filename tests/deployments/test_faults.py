@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from tests.deployments.conftest import APP_ARGS, engine_replica_actors, wait_healthy
+from tests.deployments.logs import serve_log_text
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +98,33 @@ def test_killed_router_falls_back_and_recovers(serve_app: str) -> None:
         time.sleep(0.5)
     else:
         raise AssertionError("the router did not come back with both replicas' state")
+
+
+async def _burst(base: str, n: int, victim: str) -> list[httpx.Response]:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as client:
+        # Long BE prompts: a pass takes two of them (max_batched_tokens), so most requests wait at their
+        # replica for a prefill, with no token yet, when the victim is killed.
+        body = {"prompt": [5 + i % 300 for i in range(1800)], "max_tokens": 2, "priority": "be", "ignore_eos": True}
+        posts = [asyncio.create_task(client.post(f"{base}/v1/completions", json=body, timeout=120)) for _ in range(n)]
+        await asyncio.sleep(0.5)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        return list(await asyncio.gather(*posts))
+
+
+def test_requests_without_a_token_are_placed_again_when_their_replica_dies(serve_app: str) -> None:
+    wait_healthy(serve_app, APP_ARGS["replicas"])  # type: ignore[arg-type]
+    before = serve_log_text().count("replica failed before the first token")
+    responses = asyncio.run(_burst(serve_app, 24, engine_replica_actors()[0]))
+    placed_again = serve_log_text().count("replica failed before the first token") - before
+    print(f"{placed_again} placed again; statuses {sorted(r.status_code for r in responses)}")
+    assert placed_again > 0, "no request was waiting on the killed replica: the test proved nothing"
+    # A non-streamed request either had no token yet (placed again: a full answer) or was cut mid-way
+    # (an explicit 503); never a hang, never a silent short answer.
+    for r in responses:
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == 2
+        else:
+            assert r.json()["error"]["message"]
+    assert sum(r.status_code == 200 for r in responses) >= placed_again
+    wait_healthy(serve_app, APP_ARGS["replicas"])  # type: ignore[arg-type]
