@@ -9,6 +9,10 @@ class KVAccountingError(RuntimeError):
     """The pool's books do not balance (a bug, never a user error)."""
 
 
+# Below this many positions, building slot ids in Python beats tensor arithmetic (measured on CPU).
+_SHORT_RANGE = 128
+
+
 class KVCache:
     """Paged KV memory for every layer: `num_blocks` blocks of `block_size` token slots each.
 
@@ -86,11 +90,15 @@ class KVCache:
 
     def slots(self, request_id: str, start: int, end: int) -> torch.Tensor:
         """Slot indices of token positions [start, end) of a request, on the cache's device."""
-        table = self._tables[request_id]
-        bs = self.block_size
-        positions = range(start, end)
-        flat = [table[p // bs] * bs + p % bs for p in positions]
-        return torch.tensor(flat, dtype=torch.long, device=self.device)
+        table, bs = self._tables[request_id], self.block_size
+        if end - start <= _SHORT_RANGE:  # a few positions (decode writes): plain Python is cheapest
+            flat = [table[p // bs] * bs + p % bs for p in range(start, end)]
+            return torch.tensor(flat, dtype=torch.long, device=self.device)
+        # A whole context (decode attention, every step): per-block tensor arithmetic, constant in length.
+        first = start // bs
+        blocks = torch.tensor(table[first : -(-end // bs)], dtype=torch.long)
+        flat_t = (blocks[:, None] * bs + torch.arange(bs)).flatten()[start - first * bs : end - first * bs]
+        return flat_t.to(self.device)
 
     def check(self) -> None:
         """Verify free + used == total (cheap: run on every change)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 
 from qllm_core.cache import KVCache
@@ -50,15 +51,13 @@ class AttentionBatch:
         """Add the padded decode layout when every sequence is a single-token decode."""
         if not seqs or any(s.length != 1 for s in seqs):
             return cls(kv, seqs, write_slots, None, None)
-        longest = max(len(s.context_slots) for s in seqs)
-        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=kv.device)
-        mask = torch.zeros(len(seqs), 1, 1, longest, dtype=torch.bool, device=kv.device)
-        for i, s in enumerate(seqs):
-            slots[i, : len(s.context_slots)] = s.context_slots
-            mask[i, 0, 0, : len(s.context_slots)] = True
+        lengths = [len(s.context_slots) for s in seqs]
+        slots = pad_sequence([s.context_slots for s in seqs], batch_first=True)  # padding points at slot 0
         # Equal contexts need no mask, and SDPA is faster without one.
-        same_length = all(len(s.context_slots) == longest for s in seqs)
-        return cls(kv, seqs, write_slots, slots, None if same_length else mask)
+        if min(lengths) == max(lengths):
+            return cls(kv, seqs, write_slots, slots, None)
+        real = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+        return cls(kv, seqs, write_slots, slots, real[:, None, None, :].to(kv.device))
 
 
 def paged_attention(

@@ -39,3 +39,15 @@ def test_broken_books_are_reported_with_counts() -> None:
     kv._free.append(kv._tables["a"][0])  # simulate a double free
     with pytest.raises(KVAccountingError, match=r"free=4 \+ used=1 != total=4"):
         kv.check()
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 1), (3, 7), (0, 300), (5, 400), (131, 400), (399, 400)])
+def test_slots_follow_the_block_table_for_short_and_long_ranges(start: int, end: int) -> None:
+    kv = KVCache(1, 1, 4, 200, 4, torch.float32, torch.device("cpu"))
+    kv.allocate("other", 10)  # so the request's blocks are not 0, 1, 2, ...
+    kv.allocate("r", 400)
+    table = kv.slots("r", 0, 400).tolist()
+    # Position p lives at offset p % block_size of its block; blocks are whole and distinct.
+    assert all(table[p] % 4 == p % 4 and table[p] - p % 4 == table[p - p % 4] for p in range(400))
+    assert len(set(table)) == 400
+    assert kv.slots("r", start, end).tolist() == table[start:end]
