@@ -67,7 +67,7 @@ class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt plus output; None takes the model's max_position_embeddings."""
     be_max_wait_s: float = 5.0
-    """Aging bound: BE work held back longer than this is no longer preempted or passed over."""
+    """Aging bound: BE work waiting longer than this goes into the next pass first and is no longer preempted."""
     merge_ls_into_be: bool = False
     """Let an LS pass join a suspended BE pass at the layer where the BE pass stopped."""
     default_priority: str = "latency_sensitive"

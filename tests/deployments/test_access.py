@@ -45,7 +45,7 @@ def test_missing_or_wrong_key_is_401_on_every_api_route(locked_app: str, header:
         assert KEY not in r.text
 
 
-def test_right_key_works_and_health_needs_none(locked_app: str) -> None:
+def test_right_key_works_is_not_logged_and_health_needs_none(locked_app: str) -> None:
     assert httpx.get(f"{locked_app}/health", timeout=30).status_code == 200
     r = httpx.post(
         f"{locked_app}/v1/completions",
@@ -54,15 +54,6 @@ def test_right_key_works_and_health_needs_none(locked_app: str) -> None:
         timeout=60,
     )
     assert r.status_code == 200, r.text
-
-
-def test_the_key_is_never_logged(locked_app: str) -> None:
-    r = httpx.post(
-        f"{locked_app}/v1/completions",
-        json={"prompt": "x", "max_tokens": 2},
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
+    # The key is never logged, though the request is.
     assert serve_log_lines("locked", r.json()["id"]), "the request was not logged"
     assert KEY not in serve_log_text()

@@ -9,18 +9,16 @@ aggregations the dashboard uses, and each check is shown to catch a broken copy 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.k8s.manifest_check import load_documents
+from tests.k8s.manifest_check import load_documents, load_generator
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -34,16 +32,7 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 KUBECTL_ANNOTATION_LIMIT = 256 * 1024
 
 
-def _load_generator() -> ModuleType:
-    """k8s/generate.py is a script, not a package module: load it from its path."""
-    spec = importlib.util.spec_from_file_location("qllm_k8s_generate_dashboard", K8S / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_generator(K8S / "generate.py")
 
 
 def _args() -> dict[str, Any]:

@@ -4,13 +4,11 @@ with each other (ports, labels, GPUs), and their Prometheus rules accepted and u
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from tests.k8s.manifest_check import (
     check_document,
     load_crd_schemas,
     load_documents,
+    load_generator,
     manifest_files,
     strict_schema,
 )
@@ -36,16 +35,7 @@ RULES_TEST = K8S / "rules" / "qllm-rules-test.yaml"
 DOCUMENTS = [(f"{path.name}#{i}", doc) for path in manifest_files(K8S) for i, doc in enumerate(load_documents(path))]
 
 
-def _load_generator() -> ModuleType:
-    """k8s/generate.py is a script, not a package module: load it from its path."""
-    spec = importlib.util.spec_from_file_location("qllm_k8s_generate", K8S / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_generator(K8S / "generate.py")
 
 
 @pytest.fixture(scope="module")
