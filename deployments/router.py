@@ -55,10 +55,6 @@ class PriorityRouter:
         self._release_held()
         self._export_load(parsed)
 
-    def forget(self, replica_id: str) -> None:
-        """Drop a replica known to be gone."""
-        self._replicas.pop(replica_id, None)
-
     # ---- admission and placement ----------------------------------------------------------------------
     async def admit(self, priority: str) -> dict[str, Any]:
         """Rank replicas for a request; holds BE while no replica can take it without hurting LS.
@@ -100,6 +96,7 @@ class PriorityRouter:
 
     def _queued(self, priority: str) -> int:
         """Requests of a class waiting: at the replicas as reported, placed since, and (BE) held here."""
+        self._forget_silent()
         known = self._replicas.values()
         if priority == LS:
             return sum(r.load.ls_waiting + r.placed[LS] for r in known)
@@ -111,12 +108,20 @@ class PriorityRouter:
         return {"overloaded": True, "retry_after_s": retry_after_s}
 
     def _outlooks(self) -> list[Outlook]:
-        fresh_after = time.time() - _STALE_PERIODS * self._s.stats_period_s
+        self._forget_silent()
         return [
             outlook(r.load, r.placed[LS], r.placed[BE], self._s.ls_ttft_slo_s, self._s.slo_window)
             for r in self._replicas.values()
-            if r.load.reported_at >= fresh_after
         ]
+
+    def _forget_silent(self) -> None:
+        """Drop replicas that stopped reporting (dead, or replaced): they take no placements and no longer
+        count in queue depths or stats. A replica that was only slow comes back with its next report."""
+        fresh_after = time.time() - _STALE_PERIODS * self._s.stats_period_s
+        for rid in [rid for rid, r in self._replicas.items() if r.load.reported_at < fresh_after]:
+            del self._replicas[rid]
+            for cls in (LS, BE):
+                self._metrics.replica_load.labels(rid, cls).set(0)
 
     def _can_take_be(self) -> bool:
         outlooks = self._outlooks()
@@ -154,6 +159,7 @@ class PriorityRouter:
         """Queue depth, SLO attainment per replica and class, placement counters."""
         slo = {LS: self._s.ls_ttft_slo_s, BE: self._s.be_ttft_slo_s}
         replicas = {}
+        self._forget_silent()
         for rid, r in self._replicas.items():
             o = outlook(r.load, r.placed[LS], r.placed[BE], self._s.ls_ttft_slo_s, self._s.slo_window)
             replicas[rid] = {

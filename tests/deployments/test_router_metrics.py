@@ -13,8 +13,11 @@ from deployments.settings import AppSettings
 from qllm_core.metrics import PrometheusBackend, exported_names
 
 
-def _report(rid: str, ls_waiting: int = 0, be_running: int = 0, ls_ttft: tuple[float, ...] = (0.1,)) -> dict:
-    return ReplicaLoad(rid, ls_waiting, 0, 0, be_running, 0.1, 4, ls_ttft, (), reported_at=time.time()).to_dict()
+def _report(
+    rid: str, ls_waiting: int = 0, be_running: int = 0, ls_ttft: tuple[float, ...] = (0.1,), age_s: float = 0.0
+) -> dict:
+    load = ReplicaLoad(rid, ls_waiting, 0, 0, be_running, 0.1, 4, ls_ttft, (), reported_at=time.time() - age_s)
+    return load.to_dict()
 
 
 def _value(backend: PrometheusBackend, name: str, **labels: str) -> float | None:
@@ -66,3 +69,14 @@ def test_held_and_rejected_be_are_counted() -> None:
     assert _value(backend, "qllm_router_rejected_total", priority_class=BE) == 1
     # The placed request counts as queued until the replica's next report shows it.
     assert _value(backend, "qllm_router_queue_depth", priority_class=BE) == 1
+
+
+def test_a_replica_that_stopped_reporting_is_forgotten() -> None:
+    backend = PrometheusBackend()
+    router = PriorityRouter(AppSettings(stats_period_s=0.5), backend)
+    router.report(_report("dead", be_running=3, age_s=2.5))  # silent for 5 periods (the limit is 4)
+    router.report(_report("alive"))
+    assert set(router.stats()["replicas"]) == {"alive"}
+    assert asyncio.run(router.admit(BE))["ranking"] == ["alive"]
+    assert _value(backend, "qllm_router_replica_load", replica="dead", priority_class=BE) == 0
+    assert _value(backend, "qllm_router_replicas") == 1
