@@ -9,8 +9,8 @@ way ends with an error event. Tokens never pass through the router.
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import ray.exceptions
 from fastapi import FastAPI, Request
@@ -70,6 +70,25 @@ def _usage(item: dict[str, Any]) -> dict[str, int]:
         "completion_tokens": completion,
         "total_tokens": item["prompt_tokens"] + completion,
     }
+
+
+Stream = TypeVar("Stream", bound=AsyncIterator[dict[str, Any]])
+
+
+async def first_item(attempts: int, start: Callable[[], Awaitable[Stream]]) -> tuple[dict[str, Any], Stream]:
+    """Start a stream (a new placement each time) and wait for its first item. A replica that dies before
+    that item is tried again elsewhere, up to `attempts` placements; nothing was sent to the client yet."""
+    failure: Exception | None = None
+    for _ in range(attempts):
+        stream = await start()
+        try:
+            return await stream.__anext__(), stream
+        except StopAsyncIteration:
+            raise ApiError(500, "the engine replica ended the stream without output") from None
+        except ray.exceptions.RayError as exc:  # the replica died or is unreachable: try another one
+            failure = exc
+            logger.warning("replica failed before the first token (%s); placing again", type(exc).__name__)
+    raise ApiError(503, f"no engine replica could serve the request ({type(failure).__name__})")
 
 
 @serve.ingress(app)
@@ -193,25 +212,16 @@ class Ingress:
         self, payload: dict[str, Any], priority: PriorityClass
     ) -> tuple[dict[str, Any], DeploymentResponseGenerator]:
         """Place the request and wait for its first item, placing it again if its replica dies first."""
-        failure: Exception | None = None
-        for _ in range(self._s.placement_attempts):
+
+        async def start() -> DeploymentResponseGenerator:
             placement = await self._admit(priority)
-            stream: DeploymentResponseGenerator = self._stream.generate.remote(  # type: ignore[assignment]
-                payload, **{PLACEMENT_KWARG: placement}
-            )
-            try:
-                first: dict[str, Any] = await stream.__anext__()
-            except StopAsyncIteration:
-                raise ApiError(500, "the engine replica ended the stream without output") from None
-            except ray.exceptions.RayError as exc:  # the replica died or is unreachable: try another one
-                failure = exc
-                logger.warning("replica failed before the first token (%s); placing again", type(exc).__name__)
-                continue
-            if "error" in first:
-                err = first["error"]
-                raise ApiError(err["status"], err["message"], param=err["param"])
-            return first, stream
-        raise ApiError(503, f"no engine replica could serve the request ({type(failure).__name__})")
+            return self._stream.generate.remote(payload, **{PLACEMENT_KWARG: placement})  # type: ignore[return-value]
+
+        first, stream = await first_item(self._s.placement_attempts, start)
+        if "error" in first:
+            err = first["error"]
+            raise ApiError(err["status"], err["message"], param=err["param"])
+        return first, stream
 
     async def _collect(self, first: dict[str, Any], stream: DeploymentResponseGenerator) -> tuple[str, dict]:
         parts, item = [first["delta"]], first

@@ -1,0 +1,73 @@
+"""Placing a request again when its replica dies before the first token (the ingress's retry rule).
+
+The streams here stand in for replica streams: one raises Ray's own `RayActorError` on its first item,
+as a stream from a killed replica does. (The live kill tests are in test_faults.py; which requests wait
+on the victim there depends on timing, so this rule is pinned here.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import ray.exceptions
+
+from deployments.ingress import first_item
+from deployments.openai_api import ApiError
+
+
+class _Stream:
+    """A replica stream: its items, or an error raised on the first one."""
+
+    def __init__(self, items: list[dict[str, Any]], fail: BaseException | None = None) -> None:
+        self._items = iter(items)
+        self._fail = fail
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._fail is not None:
+            raise self._fail
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+def _starts(*streams: _Stream) -> tuple[list[int], Any]:
+    placed: list[int] = []
+
+    async def start() -> _Stream:
+        placed.append(len(placed))
+        return streams[len(placed) - 1]
+
+    return placed, start
+
+
+def test_a_dead_replica_before_the_first_token_means_another_placement() -> None:
+    dead = _Stream([], fail=ray.exceptions.RayActorError())
+    alive = _Stream([{"delta": "a"}, {"delta": "b"}])
+    placed, start = _starts(dead, alive)
+    first, stream = asyncio.run(first_item(3, start))
+    assert first == {"delta": "a"} and stream is alive and len(placed) == 2
+
+
+def test_placements_are_bounded_and_end_in_a_503() -> None:
+    placed, start = _starts(*[_Stream([], fail=ray.exceptions.RayActorError()) for _ in range(3)])
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(first_item(3, start))
+    assert caught.value.status == 503 and "RayActorError" in caught.value.message and len(placed) == 3
+
+
+def test_other_failures_are_not_retried() -> None:
+    placed, start = _starts(_Stream([]), _Stream([{"delta": "never"}]))
+    with pytest.raises(ApiError) as caught:  # a stream that ends without output is a bug, not a dead replica
+        asyncio.run(first_item(3, start))
+    assert caught.value.status == 500 and len(placed) == 1
+    placed, start = _starts(_Stream([], fail=ValueError("boom")), _Stream([{"delta": "never"}]))
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(first_item(3, start))
+    assert len(placed) == 1
