@@ -137,17 +137,22 @@ class PriorityRouter:
                 return  # one at a time: its placement counts before the next is considered
 
     # ---- observability ----------------------------------------------------------------------------------
+    def _attainment(self, load: ReplicaLoad) -> dict[str, float | None]:
+        """Per class, the share of a replica's recent TTFTs within the class SLO (None before any)."""
+        return {
+            LS: attainment(load.recent_ls_ttft_s, self._s.ls_ttft_slo_s, self._s.slo_window),
+            BE: attainment(load.recent_be_ttft_s, self._s.be_ttft_slo_s, self._s.slo_window),
+        }
+
     def _export_load(self, load: ReplicaLoad) -> None:
         m = self._metrics
-        slo = {LS: self._s.ls_ttft_slo_s, BE: self._s.be_ttft_slo_s}
-        recent = {LS: load.recent_ls_ttft_s, BE: load.recent_be_ttft_s}
         m.replica_load.labels(load.replica_id, LS).set(load.ls_waiting + load.ls_running)
         m.replica_load.labels(load.replica_id, BE).set(load.be_waiting + load.be_running)
-        for cls in (LS, BE):
-            ratio = attainment(recent[cls], slo[cls], self._s.slo_window)
+        for cls, ratio in self._attainment(load).items():
             if ratio is not None:
                 m.slo_attainment.labels(load.replica_id, cls).set(ratio)
-        m.replicas.set(len(self._outlooks()))
+        self._forget_silent()
+        m.replicas.set(len(self._replicas))
         self._export_queues()
 
     def _export_queues(self) -> None:
@@ -157,7 +162,6 @@ class PriorityRouter:
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, SLO attainment per replica and class, placement counters."""
-        slo = {LS: self._s.ls_ttft_slo_s, BE: self._s.be_ttft_slo_s}
         replicas = {}
         self._forget_silent()
         for rid, r in self._replicas.items():
@@ -167,10 +171,7 @@ class PriorityRouter:
                 "predicted_ls_ttft_s": o.predicted_ls_ttft_s,
                 "be_spare": o.be_spare,
                 "at_risk": at_risk(o, self._s.ls_ttft_slo_s, self._s.slo_target),
-                "attainment": {
-                    LS: attainment(r.load.recent_ls_ttft_s, slo[LS], self._s.slo_window),
-                    BE: attainment(r.load.recent_be_ttft_s, slo[BE], self._s.slo_window),
-                },
+                "attainment": self._attainment(r.load),
             }
         return {"held_be": len(self._held), "replicas": replicas, **self._counters}
 

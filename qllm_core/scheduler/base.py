@@ -66,11 +66,6 @@ class SchedulerView:
         """True when a class has requests queued for a new pass."""
         return bool(self.waiting[cls] or self.ready[cls])
 
-    def oldest_wait(self, cls: PriorityClass) -> float:
-        """Seconds the longest-waiting queued request of a class has waited for its next step (0 if none)."""
-        queued = self.waiting[cls] + self.ready[cls]
-        return max((self.now - r.waiting_since for r in queued), default=0.0)
-
 
 class BatchBuilder:
     """Fills a batch under the size, token and KV limits; every policy builds batches through it."""

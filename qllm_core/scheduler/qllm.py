@@ -37,7 +37,8 @@ class QllmPolicy(Policy):
             builder.add_in_order(aged, skip_misfits=True)
             builder.add_in_order(ls_prefill, skip_misfits=True)
             builder.add_in_order(ls_decode, skip_misfits=True)
-            builder.add_in_order([r for r in be_decode if r not in aged], skip_misfits=True)
+            taken = {r.request_id for r in aged}
+            builder.add_in_order([r for r in be_decode if r.request_id not in taken], skip_misfits=True)
         elif ls_prefill:
             builder.add_in_order(ls_prefill, skip_misfits=True)
             builder.add_in_order(ls_decode, skip_misfits=True)
