@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from qllm_core import Engine, EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
+from qllm_core.models.registry import load_model
 
 PROMPT_BASE = [(j * 7) % 497 + 3 for j in range(4096)]
 
@@ -36,35 +39,39 @@ def drain(core: EngineCore) -> None:
         core.step()
 
 
-def engine_decode_step_s(core: EngineCore, batch: int, prompt_len: int, new_tokens: int, tag: str) -> float:
-    """Median wall time of one decode iteration (a whole forward pass plus sampling) at a fixed batch."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        core.add_request(f"{tag}-{i}", prompt(i, prompt_len), params, "be")
-    steps = []
-    while core.has_work():
-        start = time.perf_counter()
-        outputs = core.step()
-        if outputs and all(len(o.token_ids) > 1 for o in outputs):  # a decode pass (not the prefill)
-            steps.append(time.perf_counter() - start)
-    return statistics.median(steps)
+class _Lockstep(LogitsProcessor):
+    """Runs one engine step each time transformers' `generate` asks for a next token, and times both.
 
+    The two decodes then alternate step by step, so a slow spell of a shared machine lands on both alike.
+    `generate`'s own step is the time from leaving one call to entering the next.
+    """
 
-class _StepClock(LogitsProcessor):
-    """Records when transformers' generate asks for each next token."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.engine_steps: list[float] = []
+        self.hf_steps: list[float] = []
+        self._left: float | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.stamps.append(time.perf_counter())
+        entered = time.perf_counter()
+        if self._left is not None:
+            self.hf_steps.append(entered - self._left)
+        if self.core.has_work():
+            self.core.step()
+            self.engine_steps.append(time.perf_counter() - entered)
+        self._left = time.perf_counter()
         return scores
 
 
-def hf_decode_step_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Median wall time of one decode iteration inside `generate` (greedy, KV cache, no early stop)."""
+def decode_lockstep(core: EngineCore, model: Any, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Median decode step time of the engine and of `generate` (greedy, KV cache, no early stop), in lockstep."""
+    # One more token than generate: after its prefill pass the engine owes exactly `new_tokens` decode steps.
+    params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        core.add_request(f"d-{i}", prompt(i, prompt_len), params, "be")
+    core.step()  # the prefill pass, at iteration granularity one step
+    clock = _Lockstep(core)
     ids = torch.tensor([prompt(i, prompt_len) for i in range(batch)])
-    clock = _StepClock()
     with torch.inference_mode():
         model.generate(
             ids,
@@ -74,11 +81,20 @@ def hf_decode_step_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -
             eos_token_id=None,
             logits_processor=LogitsProcessorList([clock]),
         )
-    return statistics.median(b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False))
+    drain(core)
+    return {"engine": statistics.median(clock.engine_steps), "transformers": statistics.median(clock.hf_steps)}
+
+
+def paired_ratio(rounds: list[dict[str, float]], name: str, baseline: str) -> float:
+    """Median over rounds of `name / baseline` measured in the same round.
+
+    A slow spell that splits a round skews that round's ratio only; the median drops it.
+    """
+    return statistics.median(r[name] / r[baseline] for r in rounds)
 
 
 def decode_comparison(model: str, path: Path, batch: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
-    """Engine vs transformers decode throughput at equal batch, alternating runs; best round of each."""
+    """Engine vs transformers decode step time at equal batch: lockstep runs against each expert kernel."""
     # The KV pool sized for this batch (8 x 128 tokens, with room), as transformers' cache is.
     core = EngineCore(
         EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
@@ -90,78 +106,125 @@ def decode_comparison(model: str, path: Path, batch: int, prompt_len: int, new_t
             ("transformers_eager_experts", {"experts_implementation": "eager"}),
         )
     }
-    best: dict[str, float] = {}
-    for r in range(rounds + 1):  # round 0 warms up
-        steps = {"engine": engine_decode_step_s(core, batch, prompt_len, new_tokens, f"d{r}")}
-        steps |= {name: hf_decode_step_s(m, batch, prompt_len, new_tokens) for name, m in hf.items()}
-        if r:
-            best = {k: min(best.get(k, v), v) for k, v in steps.items()}
-    result: dict[str, Any] = {k: {"decode_step_s": v, "decode_tokens_per_s": batch / v} for k, v in best.items()}
-    for name in hf:
-        result[f"engine_vs_{name}"] = best[name] / best["engine"]
+    # Both sides read the very same weight tensors: where a copy lands in memory (pages, alignment) moves a
+    # weight-bound decode step by a few percent, which would otherwise pass for a difference between them.
+    for m in hf.values():
+        m.load_state_dict(core.model.adapter.model.state_dict(), assign=True)
+    result: dict[str, Any] = {}
+    for name, m in hf.items():
+        decode_lockstep(core, m, batch, prompt_len, 4)  # warm-up
+        per_round = [decode_lockstep(core, m, batch, prompt_len, new_tokens) for _ in range(rounds)]
+        for r, steps in enumerate(per_round, 1):
+            print(f"  {name} round {r}: " + ", ".join(f"{k}={v:.4f}" for k, v in steps.items()), flush=True)
+        result[name] = {
+            "rounds_step_s": per_round,
+            "engine_tokens_per_s": batch / statistics.median(r["engine"] for r in per_round),
+            "transformers_tokens_per_s": batch / statistics.median(r["transformers"] for r in per_round),
+            # Step-time ratio: above 1 means the engine is faster.
+            "engine_speedup": paired_ratio(per_round, "transformers", "engine"),
+        }
     return result
 
 
-def be_only_throughput(model: str, granularity: str, requests: int, prompt_len: int, new_tokens: int) -> float:
-    """Output tokens/s with BE-only traffic (nothing to preempt for): the cost of the preemption points."""
-    core = EngineCore(EngineConfig(model=model, device="cpu", granularity=granularity, policy="qllm"))
+def lockstep_passes(cores: Mapping[str, EngineCore]) -> dict[str, float]:
+    """Drain every core one whole forward pass at a time, taking turns (order reversed every pass);
+    returns each core's summed pass time. Turns of one pass keep slow spells from favouring one core."""
+    totals = dict.fromkeys(cores, 0.0)
+    names = list(cores)
+    turn = 0
+    while any(c.has_work() for c in cores.values()):
+        for name in names if turn % 2 else names[::-1]:
+            core = cores[name]
+            if not core.has_work():
+                continue
+            start = time.perf_counter()
+            core.step()
+            while core.active is not None:  # the pass is not done yet (preemption points in between)
+                core.step()
+            totals[name] += time.perf_counter() - start
+        turn += 1
+    return totals
+
+
+GRANULARITIES = ("iteration", "layer", "expert")
+
+
+def granularity_overhead(model: str, requests: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
+    """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`: the
+    cost of the preemption points. One engine per granularity over one loaded model (expert granularity
+    runs its experts itself, so the kernel the model was loaded with does not matter to it), all three
+    served the same burst in lockstep, pass by pass."""
+    loaded = load_model(EngineConfig(model=model, device="cpu", granularity="iteration"))
+    # A token budget of two prompts per pass: many passes of similar length, so that taking turns pass by
+    # pass spreads a slow spell over all three engines (one 4096-token pass would take most of a round).
+    base = EngineConfig(model=model, device="cpu", policy="qllm", max_batched_tokens=2 * prompt_len)
+    cores = {g: EngineCore(dataclasses.replace(base, granularity=g), loaded=loaded) for g in GRANULARITIES}
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for i in range(requests):
-        core.add_request(f"w{i}", prompt(i, 16), params, "be")
-    drain(core)  # warm-up
-    for i in range(requests):
-        core.add_request(f"r{i}", prompt(i, prompt_len), params, "be")
-    start = time.perf_counter()
-    drain(core)
-    return requests * new_tokens / (time.perf_counter() - start)
+    per_round = []
+    for r in range(rounds + 1):  # round 0 warms up
+        for core in cores.values():
+            for i in range(requests):
+                core.add_request(f"be-{i}", prompt(i, prompt_len), params, "be")
+        totals = lockstep_passes(cores)
+        if r:
+            per_round.append(totals)
+            print(f"  round {r}: " + ", ".join(f"{k}={v:.3f}s" for k, v in totals.items()), flush=True)
+    tokens = requests * new_tokens
+    return {
+        "rounds_s": per_round,
+        "tokens_per_s": {g: tokens / statistics.median(r[g] for r in per_round) for g in cores},
+        "overhead_vs_iteration": {g: paired_ratio(per_round, g, "iteration") - 1 for g in ("layer", "expert")},
+    }
 
 
-async def _ls_ttft(engine: Engine, delay_s: float, be_requests: int, be_prompt: int) -> float:
-    """TTFT of one LS request sent `delay_s` after BE prompts (or on an idle engine if be_requests=0)."""
-    be_params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-
-    async def be(i: int) -> None:
-        async for _ in engine.generate(prompt_token_ids=prompt(100 + i, be_prompt), params=be_params, priority="be"):
-            pass
-
-    tasks = [asyncio.create_task(be(i)) for i in range(be_requests)]
-    await asyncio.sleep(delay_s)
+async def _ttft(engine: Engine, ids: list[int], priority: str, max_tokens: int) -> float:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ttft = None
-    ls_params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    async for out in engine.generate(prompt_token_ids=prompt(7, 32), params=ls_params, priority="ls"):
+    async for out in engine.generate(prompt_token_ids=ids, params=params, priority=priority):
         ttft = out.ttft_s
-    await asyncio.gather(*tasks)
-    assert ttft is not None
+    if ttft is None:
+        raise RuntimeError("the request produced no token")
+    return ttft
+
+
+async def _ls_during_be_prefill(engine: Engine, delay_s: float) -> float:
+    """TTFT of one LS request sent `delay_s` after a long BE prompt started prefilling."""
+    be = asyncio.create_task(_ttft(engine, prompt(100, BE_BURST_PROMPT), "be", 2))
+    await asyncio.sleep(delay_s)
+    ttft = await _ttft(engine, LS_PROMPT, "ls", 1)
+    await be
     return ttft
 
 
 BE_BURST_PROMPT = 3072
+LS_PROMPT = prompt(7, 32)
 
 
-def ls_ttft_under_be_prefill(model: str, policy: str, granularity: str, trials: int) -> dict[str, float]:
-    """Median LS TTFT idle and while one long BE prompt (BE_BURST_PROMPT tokens, one pass) is prefilling;
-    the LS request arrives at a different point of that prefill in each trial."""
+def ls_ttft_under_be_prefill(model: str, policy: str, granularity: str, layers: int, trials: int) -> dict[str, Any]:
+    """LS TTFT on an idle engine vs while one long BE prompt (one pass) prefills, in units of one layer of
+    that prefill. Each trial measures all three in a row: the LS request alone, the BE prefill alone (its
+    TTFT is the pass time), and the LS request arriving during the prefill, at a different point of a
+    layer in each trial."""
     engine = Engine(EngineConfig(model=model, device="cpu", policy=policy, granularity=granularity))
+    per_trial = []
     try:
-        idle = [asyncio.run(_ls_ttft(engine, 0.0, 0, 0)) for _ in range(trials)]
-        loaded = [asyncio.run(_ls_ttft(engine, 0.1 + 0.15 * t, 1, BE_BURST_PROMPT)) for t in range(trials)]
+        asyncio.run(_ttft(engine, LS_PROMPT, "ls", 1))  # warm-up
+        for t in range(trials):
+            idle = asyncio.run(_ttft(engine, LS_PROMPT, "ls", 1))
+            layer = asyncio.run(_ttft(engine, prompt(100, BE_BURST_PROMPT), "be", 1)) / layers
+            loaded = asyncio.run(_ls_during_be_prefill(engine, 3 * layer + layer * t / trials))
+            per_trial.append(
+                {
+                    "idle_ttft_s": idle,
+                    "layer_s": layer,
+                    "loaded_ttft_s": loaded,
+                    "added_in_layers": (loaded - idle) / layer,
+                }
+            )
     finally:
         engine.shutdown()
-    return {"idle_ttft_s": statistics.median(idle), "loaded_ttft_s": statistics.median(loaded), "trials": trials}
-
-
-def layer_time(model: str) -> dict[str, float]:
-    """Wall time of the BE prefill pass of the TTFT test, and of one of its layers (pass time / layers)."""
-    core = EngineCore(EngineConfig(model=model, device="cpu", granularity="layer"))
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    times = []
-    for trial in range(3):
-        core.add_request(f"t{trial}", prompt(100, BE_BURST_PROMPT), params, "be")
-        start = time.perf_counter()
-        drain(core)
-        times.append(time.perf_counter() - start)
-    pass_s = min(times)
-    return {"be_prefill_pass_s": pass_s, "layer_s": pass_s / core.model.num_layers}
+    summary = {k: statistics.median(t[k] for t in per_trial) for k in per_trial[0]}
+    return summary | {"trials": per_trial}
 
 
 def main() -> None:
@@ -170,8 +233,8 @@ def main() -> None:
     parser.add_argument("--model", default="bench")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_bench.json"))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison; best kept")
+    parser.add_argument("--trials", type=int, default=5, help="LS TTFT trials per policy; median kept")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per comparison; median kept")
     args = parser.parse_args()
     torch.manual_seed(0)
     results: dict[str, Any] = {
@@ -182,36 +245,31 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
         },
         "model": args.model,
+        "rounds": args.rounds,
+        "trials": args.trials,
     }
-    path = EngineCore(EngineConfig(model=args.model, device="cpu", kv_cache_tokens=64)).loaded.path
-    decode = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
-    decode |= decode_comparison(args.model, path, args.batch, 64, 64, rounds=args.rounds)
+    probe = load_model(EngineConfig(model=args.model, device="cpu"))
+    decode: dict[str, Any] = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
+    decode |= decode_comparison(args.model, probe.path, args.batch, 64, 64, rounds=args.rounds)
     results["decode_throughput"] = decode
-    print(json.dumps(decode, indent=1), flush=True)
+    for name in ("transformers_default_experts", "transformers_eager_experts"):
+        print(name, json.dumps({k: v for k, v in decode[name].items() if k != "rounds_step_s"}), flush=True)
 
-    overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16, "rounds": args.rounds}
-    tput: dict[str, float] = {}
-    for _ in range(args.rounds):  # interleaved, so slow spells of a shared machine hit every granularity
-        for g in ("iteration", "layer", "expert"):
-            tput[g] = max(tput.get(g, 0.0), be_only_throughput(args.model, g, 16, 256, 16))
-    overhead["tokens_per_s"] = tput
-    overhead["overhead_vs_iteration"] = {g: 1 - tput[g] / tput["iteration"] for g in ("layer", "expert")}
+    overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
+    overhead |= granularity_overhead(args.model, 16, 256, 16, rounds=args.rounds)
     results["be_only_granularity_overhead"] = overhead
-    print(json.dumps(overhead, indent=1), flush=True)
+    print(json.dumps({k: v for k, v in overhead.items() if k != "rounds_s"}, indent=1), flush=True)
 
-    timing = layer_time(args.model)
-    ttft: dict[str, Any] = {"be_prompt_tokens": BE_BURST_PROMPT, **timing}
+    ttft: dict[str, Any] = {"be_prompt_tokens": BE_BURST_PROMPT, "ls_prompt_tokens": len(LS_PROMPT)}
     for policy, granularity in (
         ("fcfs", "iteration"),
         ("priority", "iteration"),
         ("qllm", "layer"),
         ("qllm", "expert"),
     ):
-        r = ls_ttft_under_be_prefill(args.model, policy, granularity, args.trials)
-        r["added_over_idle_s"] = r["loaded_ttft_s"] - r["idle_ttft_s"]
-        r["added_in_layers"] = r["added_over_idle_s"] / timing["layer_s"]
+        r = ls_ttft_under_be_prefill(args.model, policy, granularity, probe.staged.num_layers, args.trials)
         ttft[f"{policy}:{granularity}"] = r
-        print(policy, granularity, json.dumps(r), flush=True)
+        print(policy, granularity, json.dumps({k: v for k, v in r.items() if k != "trials"}), flush=True)
     results["ls_ttft_during_be_prefill"] = ttft
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -100,6 +100,13 @@ class KVCache:
         flat_t = (blocks[:, None] * bs + torch.arange(bs)).flatten()[start - first * bs : end - first * bs]
         return flat_t.to(self.device)
 
+    def block_tables(self, request_ids: list[str]) -> torch.Tensor:
+        """(batch, longest table) block ids of the requests, padded with block 0, on the cache's device."""
+        tables = [self._tables[rid] for rid in request_ids]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long).to(self.device)
+
     def check(self) -> None:
         """Verify free + used == total (cheap: run on every change)."""
         free, used = len(self._free), self.used_blocks

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from qllm_core.cache import KVCache
 from qllm_core.config import EngineConfig
+from qllm_core.detokenizer import Detokenizer
 from qllm_core.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError
 from qllm_core.forward import ForwardPass, PassEntry
 from qllm_core.metrics import EngineMetrics
@@ -97,6 +98,7 @@ class EngineCore:
         self.policy = POLICIES[config.policy](config.scheduler_config())
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self.sampler = Sampler(self.loaded.device)
+        self.detokenizer = Detokenizer(self.loaded.tokenizer)
         self.requests: dict[str, Request] = {}
         self.active: ForwardPass | None = None
         self.suspended: list[ForwardPass] = []
@@ -299,25 +301,21 @@ class EngineCore:
             self.metrics.ttft.labels(cls.label).observe(ttft)
             self._counters.recent_ttft[cls].append(ttft)
         params = request.params
-        text, stop_hit = self._detokenize(request)
+        text = self.detokenizer.text(request.request_id, request.output_token_ids)
+        stop_hit = _stop_index(text, params.stop) >= 0
         reason: FinishReason | None = None
         if stop_hit or token in params.stop_token_ids or (token in self.loaded.eos_token_ids and not params.ignore_eos):
             reason = FinishReason.STOP
         elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.loaded.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            return self._finish(request, reason, now, text=text)
+            final = self.detokenizer.full(request.output_token_ids)
+            cut = _stop_index(final, params.stop)
+            return self._finish(request, reason, now, text=final if cut < 0 else final[:cut])
         request.move_to(RequestState.READY)
         text = _streamable(text, params.stop)
         self._emitted_text[request.request_id] = text
         return self._output(request, text)
-
-    def _detokenize(self, request: Request) -> tuple[str, bool]:
-        """Text so far, cut before the first stop string; True when one was hit."""
-        text = self.loaded.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-        text = str(text)
-        cut = min((i for i in (text.find(s) for s in request.params.stop) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
 
     def _output(self, request: Request, text: str, error: str | None = None) -> RequestOutput:
         return RequestOutput(
@@ -342,6 +340,7 @@ class EngineCore:
         request.move_to(RequestState.FINISHED)
         self.kv.free(rid)
         self.sampler.forget(rid)
+        self.detokenizer.forget(rid)
         self._aborting.discard(rid)
         del self.requests[rid]
         emitted = self._emitted_text.pop(rid, "")
@@ -420,10 +419,8 @@ class EngineCore:
     def _pass_info(self, p: ForwardPass, now: float, suspended: bool) -> PassInfo:
         extra = now - self._suspended_at[p.pass_id] if suspended else 0.0
         return PassInfo(
-            classes=frozenset(e.request.priority for e in p.entries),
-            ls_prefill=any(
-                e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in p.entries
-            ),
+            classes=p.classes,
+            ls_prefill=p.ls_prefill,
             held_back_s=p.queued_s + p.suspended_s + extra,
             layer=p.layer,
             at_layer_boundary=p.at_layer_boundary,
@@ -487,6 +484,11 @@ class EngineCore:
             preemptions=self._counters.preemptions,
             merges=self._counters.merges,
         )
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int:
+    """Where the first stop string starts in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
 def _streamable(text: str, stops: tuple[str, ...]) -> str:

@@ -18,7 +18,7 @@ from qllm_core.cache import KVCache
 from qllm_core.config import Granularity
 from qllm_core.models.attention import AttentionBatch, SeqSlice
 from qllm_core.models.staged import LayerWork, StagedModel
-from qllm_core.request import Request
+from qllm_core.request import PriorityClass, Request
 
 
 class Stage(enum.Enum):
@@ -82,6 +82,15 @@ class ForwardPass:
         self._positions = torch.tensor(positions, dtype=torch.long, device=device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch = self._attention_batch()
+        self.classes, self.ls_prefill = self._describe()
+
+    def _describe(self) -> tuple[frozenset[PriorityClass], bool]:
+        """The classes in the pass, and whether an LS request in it is prefilling (its TTFT waits on it)."""
+        classes = frozenset(e.request.priority for e in self.entries)
+        ls_prefill = any(
+            e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in self.entries
+        )
+        return classes, ls_prefill
 
     @property
     def done(self) -> bool:
@@ -184,6 +193,10 @@ class ForwardPass:
         self.stage = Stage.DONE
 
     def _attention_batch(self) -> AttentionBatch:
+        if all(len(e.token_ids) == 1 for e in self.entries):
+            return AttentionBatch.for_decode(
+                self._kv, [e.request.request_id for e in self.entries], [e.start for e in self.entries]
+            )
         seqs = []
         writes = []
         offset = 0
@@ -192,7 +205,7 @@ class ForwardPass:
             seqs.append(SeqSlice(offset, n, self._kv.slots(rid, 0, e.start + n)))
             writes.append(self._kv.slots(rid, e.start, e.start + n))
             offset += n
-        return AttentionBatch.build(self._kv, tuple(seqs), torch.cat(writes))
+        return AttentionBatch.for_sequences(self._kv, tuple(seqs), torch.cat(writes))
 
     def merge(self, other: ForwardPass) -> None:
         """Take `other`'s requests into this pass; both must stand before the same layer's attention.
@@ -212,5 +225,6 @@ class ForwardPass:
         self._token_ids = torch.cat([self._token_ids, other._token_ids])
         self._positions = torch.cat([self._positions, other._positions])
         self._batch = self._attention_batch()
+        self.classes, self.ls_prefill = self._describe()
         other.stage = Stage.DONE
         other.entries = []

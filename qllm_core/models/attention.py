@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 
 from qllm_core.cache import KVCache
@@ -35,29 +34,50 @@ class SeqSlice:
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """Per-pass attention metadata, built once and shared by every layer."""
+    """Per-pass attention metadata, built once and shared by every layer: either per-sequence slices (any
+    mix of prefills and decodes) or, when every sequence feeds one token, one padded decode layout."""
 
     kv: KVCache
-    seqs: tuple[SeqSlice, ...]
     write_slots: torch.Tensor
     """KV slot of every new token, in flat-batch order."""
-    decode_slots: torch.Tensor | None
-    """(batch, longest context) slots when every sequence feeds one token; padding points at slot 0."""
-    decode_mask: torch.Tensor | None
-    """(batch, 1, 1, longest context) True where a padded decode slot is real; None when none is padding."""
+    seqs: tuple[SeqSlice, ...] = ()
+    """Per-sequence slices; empty for a decode layout."""
+    decode_slots: torch.Tensor | None = None
+    """(batch, longest context) slots of a decode layout; padding points at real slots and is masked."""
+    decode_lengths: torch.Tensor | None = None
+    """(batch,) context length of each decoding sequence, its new token included."""
+    decode_mask: torch.Tensor | None = None
+    """(batch, 1, 1, longest context) True where a decode slot is real; None when no sequence is padded."""
 
     @classmethod
-    def build(cls, kv: KVCache, seqs: tuple[SeqSlice, ...], write_slots: torch.Tensor) -> AttentionBatch:
-        """Add the padded decode layout when every sequence is a single-token decode."""
-        if not seqs or any(s.length != 1 for s in seqs):
-            return cls(kv, seqs, write_slots, None, None)
-        lengths = [len(s.context_slots) for s in seqs]
-        slots = pad_sequence([s.context_slots for s in seqs], batch_first=True)  # padding points at slot 0
+    def for_sequences(cls, kv: KVCache, seqs: tuple[SeqSlice, ...], write_slots: torch.Tensor) -> AttentionBatch:
+        """Any mix of prefills and decodes, attended one sequence at a time."""
+        return cls(kv, write_slots, seqs=seqs)
+
+    @classmethod
+    def for_decode(cls, kv: KVCache, request_ids: list[str], positions: list[int]) -> AttentionBatch:
+        """One new token per sequence at `positions`: slots come from the block tables in a few tensor ops,
+        whatever the batch or context size."""
+        bs = kv.block_size
+        tables = kv.block_tables(request_ids)  # (B, blocks)
+        lengths = torch.tensor(positions, dtype=torch.long).to(kv.device) + 1
+        longest = max(positions) + 1
+        offsets = torch.arange(bs, device=kv.device)
+        slots = (tables[:, :, None] * bs + offsets).flatten(1)[:, :longest].contiguous()  # (B, longest)
+        rows = torch.arange(len(positions), device=kv.device)
+        write = slots[rows, lengths - 1]
         # Equal contexts need no mask, and SDPA is faster without one.
-        if min(lengths) == max(lengths):
-            return cls(kv, seqs, write_slots, slots, None)
-        real = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
-        return cls(kv, seqs, write_slots, slots, real[:, None, None, :].to(kv.device))
+        mask = None
+        if min(positions) != max(positions):
+            mask = (torch.arange(longest, device=kv.device)[None, :] < lengths[:, None])[:, None, None, :]
+        return cls(kv, write, decode_slots=slots, decode_lengths=lengths, decode_mask=mask)
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The decode mask for a sliding window: each token sees only its last `window` positions."""
+        assert self.decode_slots is not None and self.decode_lengths is not None  # noqa: S101
+        key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)[None, :]
+        query_pos = self.decode_lengths[:, None] - 1
+        return ((key_pos <= query_pos) & (query_pos - key_pos < window))[:, None, None, :]
 
 
 def paged_attention(
@@ -79,13 +99,15 @@ def paged_attention(
     v_cache.index_copy_(0, batch.write_slots, value[0].transpose(0, 1))
 
     # index_select rather than advanced indexing (`cache[slots]`): the same gather, 2-3x faster on CPU.
-    if batch.decode_slots is not None and window is None:
+    if batch.decode_slots is not None:
         q = query[0].transpose(0, 1).unsqueeze(2)  # (B, H, 1, d)
+        flat = batch.decode_slots.view(-1)
         shape = (*batch.decode_slots.shape, *k_cache.shape[1:])  # (B, L, Hkv, d)
-        k = k_cache.index_select(0, batch.decode_slots.view(-1)).view(shape).transpose(1, 2)  # (B, Hkv, L, d)
-        v = v_cache.index_select(0, batch.decode_slots.view(-1)).view(shape).transpose(1, 2)
+        k = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # (B, Hkv, L, d)
+        v = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
+        mask = batch.decode_mask if window is None else batch.window_mask(window)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
+            q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
         )
         return out.squeeze(2).unsqueeze(0), None
 

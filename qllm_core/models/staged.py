@@ -29,6 +29,35 @@ class LayerWork:
     out: torch.Tensor
     """Routed-expert output accumulated so far (or the dense MLP's output)."""
     shared_out: torch.Tensor | None = None
+    assignments: ExpertAssignments | None = None
+    """Per-expert token lists, for one-at-a-time execution."""
+
+
+@dataclass(frozen=True)
+class ExpertAssignments:
+    """Every (expert, top-k slot, token) routing choice of a layer, grouped by expert in the order
+    transformers' eager loop visits them, so each expert's unit takes a slice instead of searching."""
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    bounds: dict[int, tuple[int, int]]
+    """Hit expert -> [start, end) of its assignments."""
+
+    @classmethod
+    def of(cls, top_k_index: torch.Tensor, num_experts: int) -> ExpertAssignments:
+        """Group a layer's routing (tokens, k) by expert; one host read for the per-expert counts."""
+        # (experts, k, tokens) nonzero walks expert by expert, slot by slot, token by token: for each
+        # expert exactly the (slot, token) order of the eager loop's torch.where. As in that loop, index
+        # `num_experts` (a token routed nowhere) gets a class of its own and is skipped.
+        mask = torch.nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        _, slots, tokens = mask.nonzero(as_tuple=True)
+        counts = mask.sum(dim=(1, 2)).tolist()
+        bounds, start = {}, 0
+        for expert, n in enumerate(counts[:num_experts]):
+            if n:
+                bounds[expert] = (start, start + n)
+            start += n
+        return cls(tokens, slots, bounds)
 
 
 class StagedModel:
@@ -80,8 +109,11 @@ class StagedModel:
             dense = self.adapter.dense_mlp(module)(normed)
             return LayerWork(hidden, normed, None, None, [], dense)
         _, weights, index = parts.gate(normed)
-        hit = [int(e) for e in torch.unique(index).tolist()] if per_expert else []
-        return LayerWork(hidden, normed, index, weights, hit, torch.zeros_like(normed) if per_expert else normed)
+        if not per_expert:
+            return LayerWork(hidden, normed, index, weights, [], normed)
+        assignments = ExpertAssignments.of(index, parts.num_experts)
+        hit = list(assignments.bounds)
+        return LayerWork(hidden, normed, index, weights, hit, torch.zeros_like(normed), assignments=assignments)
 
     def all_experts(self, layer: int, work: LayerWork) -> None:
         """Every routed expert at once through the model's own experts module (its configured kernel)."""
@@ -92,9 +124,10 @@ class StagedModel:
     def expert(self, layer: int, work: LayerWork) -> int:
         """Run the next hit expert on its tokens and add its weighted output; returns its id."""
         parts = self.parts[layer]
-        assert parts is not None and work.top_k_index is not None and work.top_k_weights is not None  # noqa: S101
+        assert parts is not None and work.assignments is not None and work.top_k_weights is not None  # noqa: S101
         expert = work.experts_left.pop(0)
-        top_k_pos, token_idx = torch.where(work.top_k_index.T == expert)
+        start, end = work.assignments.bounds[expert]
+        token_idx, top_k_pos = work.assignments.tokens[start:end], work.assignments.slots[start:end]
         states = self.adapter.run_expert(parts.experts, expert, work.normed[token_idx])
         states = states * work.top_k_weights[token_idx, top_k_pos, None]
         work.out.index_add_(0, token_idx, states.to(work.out.dtype))

@@ -14,7 +14,8 @@ import torch
 
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
-from tests.conftest import FAMILIES, drain
+from qllm_core.models.builtin import build_tokenizer
+from tests.conftest import FAMILIES, VOCAB, drain
 
 PROMPTS = [
     [5, 17, 99, 250, 3, 3, 42],
@@ -95,3 +96,21 @@ def test_default_tiny_model_float32_under_preemption(
     for rid, prompt in prompts.items():
         expected = reference(core.loaded.path, torch.float32, prompt, MAX_NEW, experts)
         assert list(finals[rid].token_ids) == expected, rid
+
+
+def test_sliding_window_matches_transformers(tmp_path: Path, reference: Reference) -> None:
+    """A window shorter than the prompts: prefill and batched decode (contexts of unequal length) both
+    see only the last `sliding_window` positions, as transformers' attention does."""
+    torch.manual_seed(1234)
+    model = FAMILIES["mixtral"]()
+    model.config.sliding_window = 6
+    model.generation_config.eos_token_id = 0
+    model.save_pretrained(tmp_path)
+    build_tokenizer(VOCAB).save_pretrained(tmp_path)
+    core = EngineCore(EngineConfig(model=str(tmp_path), dtype="float64", device="cpu", granularity="iteration"))
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        core.add_request(f"r{i}", prompt, params, "ls")
+    finals = drain(core)
+    for i, prompt in enumerate(PROMPTS):
+        assert list(finals[f"r{i}"].token_ids) == reference(tmp_path, torch.float64, prompt, MAX_NEW), f"prompt {i}"
