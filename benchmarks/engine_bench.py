@@ -126,6 +126,10 @@ def decode_comparison(model: str, path: Path, batch: int, prompt_len: int, new_t
     return result
 
 
+def _nothing_arrived() -> bool:
+    return False
+
+
 def lockstep_passes(cores: Mapping[str, EngineCore]) -> dict[str, float]:
     """Drain every core one whole forward pass at a time, taking turns (order reversed every pass);
     returns each core's summed pass time. Turns of one pass keep slow spells from favouring one core."""
@@ -138,27 +142,32 @@ def lockstep_passes(cores: Mapping[str, EngineCore]) -> dict[str, float]:
             if not core.has_work():
                 continue
             start = time.perf_counter()
-            core.step()
-            while core.active is not None:  # the pass is not done yet (preemption points in between)
-                core.step()
+            # As the async front drives it, with a probe for news that never fires (nothing arrives here).
+            core.step(interrupted=_nothing_arrived)
+            while core.active is not None:  # the pass is not done yet
+                core.step(interrupted=_nothing_arrived)
             totals[name] += time.perf_counter() - start
         turn += 1
     return totals
 
 
-GRANULARITIES = ("iteration", "layer", "expert")
-
-
 def granularity_overhead(model: str, requests: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
-    """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`: the
-    cost of the preemption points. One engine per granularity over one loaded model (expert granularity
-    runs its experts itself, so the kernel the model was loaded with does not matter to it), all three
-    served the same burst in lockstep, pass by pass."""
-    loaded = load_model(EngineConfig(model=model, device="cpu", granularity="iteration"))
+    """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`, each
+    engine loaded as it is served: `iteration` and `layer` run a layer's experts through transformers'
+    default fused kernel, `expert` runs them one by one with the eager loop's arithmetic. A fourth engine,
+    `iteration` over the eager loop, splits the cost of expert granularity into that kernel's and the
+    preemption points'. All engines serve the same burst in lockstep, pass by pass."""
+    fused = load_model(EngineConfig(model=model, device="cpu", granularity="iteration"))
+    eager = load_model(EngineConfig(model=model, device="cpu", granularity="expert"))
     # A token budget of two prompts per pass: many passes of similar length, so that taking turns pass by
-    # pass spreads a slow spell over all three engines (one 4096-token pass would take most of a round).
+    # pass spreads a slow spell over every engine (one 4096-token pass would take most of a round).
     base = EngineConfig(model=model, device="cpu", policy="qllm", max_batched_tokens=2 * prompt_len)
-    cores = {g: EngineCore(dataclasses.replace(base, granularity=g), loaded=loaded) for g in GRANULARITIES}
+    cores = {
+        "iteration": EngineCore(dataclasses.replace(base, granularity="iteration"), loaded=fused),
+        "layer": EngineCore(dataclasses.replace(base, granularity="layer"), loaded=fused),
+        "expert": EngineCore(dataclasses.replace(base, granularity="expert"), loaded=eager),
+        "iteration_eager_experts": EngineCore(dataclasses.replace(base, granularity="iteration"), loaded=eager),
+    }
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     per_round = []
     for r in range(rounds + 1):  # round 0 warms up
@@ -174,6 +183,7 @@ def granularity_overhead(model: str, requests: int, prompt_len: int, new_tokens:
         "rounds_s": per_round,
         "tokens_per_s": {g: tokens / statistics.median(r[g] for r in per_round) for g in cores},
         "overhead_vs_iteration": {g: paired_ratio(per_round, g, "iteration") - 1 for g in ("layer", "expert")},
+        "expert_vs_iteration_eager_experts": paired_ratio(per_round, "expert", "iteration_eager_experts") - 1,
     }
 
 

@@ -69,6 +69,10 @@ class _Counters:
     passes: int = 0
     preemptions: int = 0
     merges: int = 0
+    submissions: int = 0
+    """Requests added or aborted from outside: what can change a policy's mind in the middle of a pass."""
+    declined: tuple[int, int] | None = None
+    """(pass id, submissions) when the policy last declined to preempt that pass."""
     recent_ttft: dict[PriorityClass, deque[float]] = field(default_factory=dict)
 
 
@@ -139,6 +143,7 @@ class EngineCore:
         when = self._clock() if arrival is None else arrival
         request = Request(request_id, list(prompt_token_ids), params, cls, when, ttft_deadline_s)
         self.requests[request_id] = request
+        self._counters.submissions += 1
         self.metrics.prompt_tokens.labels(cls.label).inc(len(prompt_token_ids))
         return request
 
@@ -175,6 +180,7 @@ class EngineCore:
         request = self.requests.get(request_id)
         if request is None:
             return None
+        self._counters.submissions += 1
         if request.state is RequestState.RUNNING:
             self._aborting.add(request_id)
             return None
@@ -185,10 +191,16 @@ class EngineCore:
         return bool(self.requests) or self.active is not None or bool(self.suspended)
 
     # ---- the step ------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Advance to the next preemption point; returns outputs of requests that got a token or ended."""
+    def step(self, interrupted: Callable[[], bool] | None = None) -> list[RequestOutput]:
+        """Advance to the next preemption point; returns outputs of requests that got a token or ended.
+
+        With `interrupted`, a cheap probe for news from outside (the async front passes "a command is
+        queued"), the pass runs on through the preemption points at which the policy has already declined
+        to preempt it, until the probe fires or the pass ends: nothing else can change the policy's mind
+        (`Policy.should_preempt`), so such a point costs the probe instead of a return to the caller.
+        """
         now = self._clock()
-        preempt = self.active is not None and self.policy.should_preempt(self._view(now))
+        preempt = self._should_preempt(now)
         # Memory is only made room for when a new pass is about to be planned.
         outputs = self._relieve_memory() if preempt or self.active is None else []
         if preempt:
@@ -200,14 +212,39 @@ class EngineCore:
             self.active = self._choose_pass(now)
         if self.active is None:
             return outputs
-        self.active.step()
-        self._maybe_merge()
-        if not self.active.done:
+        self._advance(self.active, interrupted)
+        if self.active is None or not self.active.done:
             return outputs
         finished, self.active = self.active, None
         outputs += self._complete(finished)
         self._update_gauges()
         return outputs
+
+    def _advance(self, active: ForwardPass, interrupted: Callable[[], bool] | None) -> None:
+        active.step()
+        self._maybe_merge()
+        while (
+            interrupted is not None
+            and self.active is active
+            and not active.done
+            and self._declined(active)
+            and not interrupted()
+        ):
+            active.step()
+            self._maybe_merge()
+
+    def _declined(self, active: ForwardPass) -> bool:
+        """True when the policy said no to preempting this pass and no request arrived or left since."""
+        return self._counters.declined == (active.pass_id, self._counters.submissions)
+
+    def _should_preempt(self, now: float) -> bool:
+        """Ask the policy, unless it already declined for this pass and nothing changed since
+        (`Policy.should_preempt`): at expert granularity that saves a view per expert."""
+        if self.active is None or self._declined(self.active):
+            return False
+        preempt = self.policy.should_preempt(self._view(now))
+        self._counters.declined = None if preempt else (self.active.pass_id, self._counters.submissions)
+        return preempt
 
     def _choose_pass(self, now: float) -> ForwardPass | None:
         view = self._view(now)

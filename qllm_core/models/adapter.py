@@ -72,11 +72,17 @@ class MoEAdapter:
         return layer.mlp  # type: ignore[return-value]
 
     @staticmethod
-    def run_expert(experts: Any, expert: int, hidden: torch.Tensor) -> torch.Tensor:
-        """One expert on its routed tokens, exactly as transformers' eager expert loop computes it."""
-        gate_up = experts.gate_up_proj[expert]
+    def expert_weights(experts: Any) -> list[tuple[torch.Tensor, ...]]:
+        """Each expert's weights as views of the fused parameters (no copy), taken once at load so that
+        an expert's step does not index them again."""
+        return list(zip(experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0), strict=True))
+
+    @staticmethod
+    def run_expert(experts: Any, weights: tuple[torch.Tensor, ...], hidden: torch.Tensor) -> torch.Tensor:
+        """One expert (its `expert_weights`) on its routed tokens, exactly as transformers' eager loop."""
+        gate_up, down = weights
         gate, up = nn.functional.linear(hidden, gate_up).chunk(2, dim=-1)
-        return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+        return nn.functional.linear(experts.act_fn(gate) * up, down)
 
     @property
     def num_kv_heads(self) -> int:

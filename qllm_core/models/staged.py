@@ -29,35 +29,36 @@ class LayerWork:
     out: torch.Tensor
     """Routed-expert output accumulated so far (or the dense MLP's output)."""
     shared_out: torch.Tensor | None = None
-    assignments: ExpertAssignments | None = None
-    """Per-expert token lists, for one-at-a-time execution."""
+    groups: dict[int, ExpertGroup] | None = None
+    """Per-expert work, for one-at-a-time execution."""
 
 
 @dataclass(frozen=True)
-class ExpertAssignments:
-    """Every (expert, top-k slot, token) routing choice of a layer, grouped by expert in the order
-    transformers' eager loop visits them, so each expert's unit takes a slice instead of searching."""
+class ExpertGroup:
+    """One expert's share of a layer's routing: its tokens, their input rows and routing weights."""
 
     tokens: torch.Tensor
-    slots: torch.Tensor
-    bounds: dict[int, tuple[int, int]]
-    """Hit expert -> [start, end) of its assignments."""
+    inputs: torch.Tensor
+    weights: torch.Tensor
+    """Shaped (tokens, 1)."""
 
-    @classmethod
-    def of(cls, top_k_index: torch.Tensor, num_experts: int) -> ExpertAssignments:
-        """Group a layer's routing (tokens, k) by expert; one host read for the per-expert counts."""
-        # (experts, k, tokens) nonzero walks expert by expert, slot by slot, token by token: for each
-        # expert exactly the (slot, token) order of the eager loop's torch.where. As in that loop, index
-        # `num_experts` (a token routed nowhere) gets a class of its own and is skipped.
-        mask = torch.nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
-        _, slots, tokens = mask.nonzero(as_tuple=True)
-        counts = mask.sum(dim=(1, 2)).tolist()
-        bounds, start = {}, 0
-        for expert, n in enumerate(counts[:num_experts]):
-            if n:
-                bounds[expert] = (start, start + n)
-            start += n
-        return cls(tokens, slots, bounds)
+
+def group_by_expert(
+    normed: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int
+) -> dict[int, ExpertGroup]:
+    """A layer's routing (tokens, k) grouped by hit expert, ascending, each group in the order transformers'
+    eager loop visits its tokens; rows and weights are gathered for all experts at once, so an expert's
+    step only computes. One host read, for the group sizes."""
+    # (experts, k, tokens) nonzero walks expert by expert, slot by slot, token by token: for each expert
+    # exactly the (slot, token) order of the eager loop's torch.where. As in that loop, index
+    # `num_experts` (a token routed nowhere) gets a class of its own and is left out.
+    mask = torch.nn.functional.one_hot(index, num_classes=num_experts + 1).permute(2, 1, 0)
+    _, slots, tokens = mask.nonzero(as_tuple=True)
+    sizes = mask.sum(dim=(1, 2)).tolist()
+    parts = zip(
+        tokens.split(sizes), normed[tokens].split(sizes), weights[tokens, slots, None].split(sizes), strict=True
+    )
+    return {e: ExpertGroup(*group) for e, group in enumerate(parts) if e < num_experts and sizes[e]}
 
 
 class StagedModel:
@@ -67,6 +68,7 @@ class StagedModel:
         self.adapter = adapter
         self.layers = list(adapter.layers)
         self.parts: list[MoEParts | None] = [adapter.moe_parts(layer) for layer in self.layers]
+        self._expert_weights = [None if p is None else adapter.expert_weights(p.experts) for p in self.parts]
 
     @property
     def num_layers(self) -> int:
@@ -111,9 +113,8 @@ class StagedModel:
         _, weights, index = parts.gate(normed)
         if not per_expert:
             return LayerWork(hidden, normed, index, weights, [], normed)
-        assignments = ExpertAssignments.of(index, parts.num_experts)
-        hit = list(assignments.bounds)
-        return LayerWork(hidden, normed, index, weights, hit, torch.zeros_like(normed), assignments=assignments)
+        groups = group_by_expert(normed, index, weights, parts.num_experts)
+        return LayerWork(hidden, normed, index, weights, list(groups), torch.zeros_like(normed), groups=groups)
 
     def all_experts(self, layer: int, work: LayerWork) -> None:
         """Every routed expert at once through the model's own experts module (its configured kernel)."""
@@ -123,14 +124,12 @@ class StagedModel:
 
     def expert(self, layer: int, work: LayerWork) -> int:
         """Run the next hit expert on its tokens and add its weighted output; returns its id."""
-        parts = self.parts[layer]
-        assert parts is not None and work.assignments is not None and work.top_k_weights is not None  # noqa: S101
+        parts, weights = self.parts[layer], self._expert_weights[layer]
+        assert parts is not None and weights is not None and work.groups is not None  # noqa: S101
         expert = work.experts_left.pop(0)
-        start, end = work.assignments.bounds[expert]
-        token_idx, top_k_pos = work.assignments.tokens[start:end], work.assignments.slots[start:end]
-        states = self.adapter.run_expert(parts.experts, expert, work.normed[token_idx])
-        states = states * work.top_k_weights[token_idx, top_k_pos, None]
-        work.out.index_add_(0, token_idx, states.to(work.out.dtype))
+        group = work.groups[expert]
+        states = self.adapter.run_expert(parts.experts, weights[expert], group.inputs) * group.weights
+        work.out.index_add_(0, group.tokens, states.to(work.out.dtype))  # routing weights may be float32
         return expert
 
     def shared_expert(self, layer: int, work: LayerWork) -> None:

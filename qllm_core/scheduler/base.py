@@ -127,7 +127,12 @@ class Policy(ABC):
         """Choose the requests of a new forward pass, or None to run nothing new."""
 
     def should_preempt(self, view: SchedulerView) -> bool:
-        """Asked at each preemption point of the running pass: suspend it for a new pass? Default: never."""
+        """At a preemption point of the running pass: suspend it for a new pass? Default: never.
+
+        Asked at the pass's first preemption point and again only after a request arrived or was aborted:
+        nothing else a policy sees changes in the middle of a pass, save the clock. So a policy may use
+        the clock to say no (an aging bound), never as the only reason to say yes.
+        """
         return False
 
     def should_resume(self, view: SchedulerView) -> bool:

@@ -136,3 +136,24 @@ def test_suspended_be_pass_resumes_once_aged_even_with_ls_prompts_waiting() -> N
     while not be_pass.done:
         core.step()
         assert be_pass.done or core.active is be_pass, "an aged pass runs to the end"
+
+
+def test_policy_is_asked_once_per_pass_until_a_request_arrives() -> None:
+    core = _core(granularity="expert", policy="qllm")
+    asked: list[int] = []
+    decide = core.policy.should_preempt
+
+    def counting(view: object) -> bool:
+        asked.append(core.stats().passes_completed)
+        return decide(view)  # type: ignore[arg-type]
+
+    core.policy.should_preempt = counting  # type: ignore[method-assign]
+    core.add_request("be", LONG, GREEDY, "be")
+    for _ in range(20):  # twenty preemption points of the BE prefill, nothing new: asked once
+        core.step()
+    assert len(asked) == 1 and core.stats().preemptions == 0
+    core.add_request("ls", SHORT, GREEDY, "ls")
+    core.step()  # asked again, and this time it preempts
+    assert len(asked) == 2 and core.stats().preemptions == 1
+    drain(core)
+    assert core.stats().preemptions == 1
