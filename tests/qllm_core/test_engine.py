@@ -182,3 +182,21 @@ async def test_arrival_is_stamped_at_submission_not_when_the_engine_gets_to_it()
         assert ls[-1].ttft_s is not None and ls[-1].ttft_s >= 0.8 * wall
     finally:
         e.shutdown()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "expert"])
+async def test_ls_arriving_mid_pass_is_noticed_at_the_next_preemption_point(granularity: str) -> None:
+    """The loop runs a pass on through points the policy declined, but a queued command stops it there."""
+    e = Engine(EngineConfig(model="tiny", device="cpu", policy="qllm", granularity=granularity))
+    try:
+        be = asyncio.create_task(
+            collect(e.generate(prompt_token_ids=[7] * 3500, params=SamplingParams(max_tokens=1), priority="be"))
+        )
+        await wait_for(lambda: e.stats().classes["best_effort"].running == 1)
+        ls = await collect(e.generate(prompt="ls", params=SamplingParams(max_tokens=1), priority="ls"))
+        be_out = await be
+        assert ls[-1].finished and be_out[-1].finished
+        assert be_out[-1].preemptions == 1, "the BE prefill must have been suspended for the LS request"
+        assert e.stats().preemptions == 1
+    finally:
+        e.shutdown()
