@@ -91,10 +91,10 @@ class KVCache:
     def slots(self, request_id: str, start: int, end: int) -> torch.Tensor:
         """Slot indices of token positions [start, end) of a request, on the cache's device."""
         table, bs = self._tables[request_id], self.block_size
-        if end - start <= _SHORT_RANGE:  # a few positions (decode writes): plain Python is cheapest
+        if end - start <= _SHORT_RANGE:  # a few positions (a short prompt): plain Python is cheapest
             flat = [table[p // bs] * bs + p % bs for p in range(start, end)]
             return torch.tensor(flat, dtype=torch.long, device=self.device)
-        # A whole context (decode attention, every step): per-block tensor arithmetic, constant in length.
+        # A long range (a prompt and its context): per-block tensor arithmetic, constant in length.
         first = start // bs
         blocks = torch.tensor(table[first : -(-end // bs)], dtype=torch.long)
         flat_t = (blocks[:, None] * bs + torch.arange(bs)).flatten()[start - first * bs : end - first * bs]
