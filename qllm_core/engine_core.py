@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -109,6 +109,8 @@ class EngineCore:
         self._suspended_at: dict[int, float] = {}
         self._aborting: set[str] = set()
         self._emitted_text: dict[str, str] = {}
+        self._in_state: Counter[tuple[PriorityClass, RequestState]] = Counter()
+        """Requests per class and state, kept by `_move` (stats read it at every step)."""
         self._clock = clock
         self._next_pass_id = 0
         self._counters = _Counters(recent_ttft={c: deque(maxlen=config.ttft_window) for c in PriorityClass})
@@ -143,6 +145,7 @@ class EngineCore:
         when = self._clock() if arrival is None else arrival
         request = Request(request_id, list(prompt_token_ids), params, cls, when, ttft_deadline_s)
         self.requests[request_id] = request
+        self._in_state[(cls, request.state)] += 1
         self._counters.submissions += 1
         self.metrics.prompt_tokens.labels(cls.label).inc(len(prompt_token_ids))
         return request
@@ -260,7 +263,7 @@ class EngineCore:
         for rid in plan.request_ids:
             request = self.requests[rid]
             self.kv.allocate(rid, request.num_tokens)
-            request.move_to(RequestState.RUNNING)
+            self._move(request, RequestState.RUNNING)
             if request.times.first_scheduled is None:
                 request.times.first_scheduled = now
                 self.metrics.queue_wait.labels(request.priority.label).observe(now - request.arrival)
@@ -349,7 +352,7 @@ class EngineCore:
             final = self.detokenizer.full(request.output_token_ids)
             cut = _stop_index(final, params.stop)
             return self._finish(request, reason, now, text=final if cut < 0 else final[:cut])
-        request.move_to(RequestState.READY)
+        self._move(request, RequestState.READY)
         text = _streamable(text, params.stop)
         self._emitted_text[request.request_id] = text
         return self._output(request, text)
@@ -374,12 +377,13 @@ class EngineCore:
         rid = request.request_id
         request.finish_reason = reason
         request.times.finished = now
-        request.move_to(RequestState.FINISHED)
+        self._move(request, RequestState.FINISHED)
         self.kv.free(rid)
         self.sampler.forget(rid)
         self.detokenizer.forget(rid)
         self._aborting.discard(rid)
         del self.requests[rid]
+        self._in_state[(request.priority, RequestState.FINISHED)] -= 1
         emitted = self._emitted_text.pop(rid, "")
         text = emitted if text is None else text
         cls = request.priority.label
@@ -435,7 +439,7 @@ class EngineCore:
         freed = self.kv.free(request.request_id)
         request.num_cached_tokens = 0
         request.evictions += 1
-        request.move_to(RequestState.WAITING)
+        self._move(request, RequestState.WAITING)
         self.metrics.evictions.labels(request.priority.label).inc()
         return freed
 
@@ -484,11 +488,22 @@ class EngineCore:
             suspended=None if not self.suspended else self._pass_info(self.suspended[-1], now, True),
         )
 
+    def _move(self, request: Request, state: RequestState) -> None:
+        """Every state change goes through here, so the per-state counts stay exact without a recount."""
+        self._in_state[(request.priority, request.state)] -= 1
+        request.move_to(state)
+        self._in_state[(request.priority, state)] += 1
+
     def _counts(self) -> dict[tuple[PriorityClass, RequestState], int]:
-        counts = {(c, s): 0 for c in PriorityClass for s in RequestState}
-        for r in self.requests.values():
-            counts[(r.priority, r.state)] += 1
-        return counts
+        return {(c, s): self._in_state[(c, s)] for c in PriorityClass for s in RequestState}
+
+    def audit(self) -> None:
+        """Recount requests per class and state, and check the KV pool's books (O(requests): for tests)."""
+        kept = {k: n for k, n in self._in_state.items() if n}
+        recount = dict(Counter((r.priority, r.state) for r in self.requests.values()))
+        if kept != recount:
+            raise RuntimeError(f"request counts drifted: kept {kept}, recounted {recount}")
+        self.kv.audit()
 
     def _update_gauges(self) -> None:
         counts = self._counts()

@@ -33,7 +33,7 @@ def test_burst_beyond_kv_capacity_is_served_completely() -> None:
         for out in small.step():
             if out.finished:
                 finals[out.request_id] = out
-        small.kv.audit()
+        small.audit()  # the KV books, and the per-state request counts against a recount
         peak_used = max(peak_used, small.kv.used_blocks)
         running = sum(r.state is RequestState.RUNNING for r in small.requests.values())
         assert running <= 2 * small.config.max_batch_size  # an active pass plus at most one suspended
@@ -58,9 +58,31 @@ def test_aborted_request_in_a_suspended_pass_dropped_for_memory_ends_with_an_out
     core.step()  # the BE pass is suspended for ls1
     assert core.suspended and core.abort("be") is None  # inside a pass: ends when that pass ends
     core.add_request("ls2", [7] * 250, greedy, "ls")  # needs 16 blocks; only the suspended pass can give them
-    ended = [o for _ in range(50) for o in core.step() if o.request_id == "be"]
+    ended = []
+    for _ in range(50):
+        ended += [o for o in core.step() if o.request_id == "be"]
+        core.audit()
     assert [(o.finished, o.finish_reason) for o in ended] == [(True, FinishReason.ABORT)]
     assert "be" not in core.requests
     drain(core)
-    core.kv.audit()
+    core.audit()
     assert core.kv.used_blocks == 0
+    assert all(c.waiting == c.ready == c.running == 0 for c in core.stats().classes.values())
+
+
+def test_request_counts_stay_exact_through_preemption_eviction_and_aborts() -> None:
+    core = EngineCore(
+        EngineConfig(model="tiny", device="cpu", kv_cache_tokens=256, block_size=16, granularity="expert")
+    )
+    prompts = _burst(core, 30)
+    for step in range(10_000):
+        if not core.has_work():
+            break
+        if step % 7 == 3:  # abort some requests wherever they are: queued, ready or inside a pass
+            victim = f"r{step % 30}"
+            core.abort(victim)
+        core.step()
+        core.audit()
+        counts = core.stats().classes.values()
+        assert sum(c.waiting + c.ready + c.running for c in counts) == len(core.requests)
+    assert not core.has_work() and len(prompts) == 30
