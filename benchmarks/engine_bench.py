@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from qllm_core import Engine, EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
-from qllm_core.models.registry import load_model
+from qllm_core.models.registry import LoadedModel, load_model
 
 PROMPT_BASE = [(j * 7) % 497 + 3 for j in range(4096)]
 
@@ -93,14 +93,15 @@ def paired_ratio(rounds: list[dict[str, float]], name: str, baseline: str) -> fl
     return statistics.median(r[name] / r[baseline] for r in rounds)
 
 
-def decode_comparison(model: str, path: Path, batch: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
+def decode_comparison(
+    model: str, loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: int, rounds: int
+) -> dict:
     """Engine vs transformers decode step time at equal batch: lockstep runs against each expert kernel."""
     # The KV pool sized for this batch (8 x 128 tokens, with room), as transformers' cache is.
-    core = EngineCore(
-        EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
-    )
+    config = EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
+    core = EngineCore(config, loaded=loaded)
     hf = {
-        name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+        name: AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32, **kw).eval()
         for name, kw in (
             ("transformers_default_experts", {}),
             ("transformers_eager_experts", {"experts_implementation": "eager"}),
@@ -151,13 +152,15 @@ def lockstep_passes(cores: Mapping[str, EngineCore]) -> dict[str, float]:
     return totals
 
 
-def granularity_overhead(model: str, requests: int, prompt_len: int, new_tokens: int, rounds: int) -> dict:
+def granularity_overhead(
+    model: str, fused: LoadedModel, requests: int, prompt_len: int, new_tokens: int, rounds: int
+) -> dict:
     """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`, each
     engine loaded as it is served: `iteration` and `layer` run a layer's experts through transformers'
     default fused kernel, `expert` runs them one by one with the eager loop's arithmetic. A fourth engine,
     `iteration` over the eager loop, splits the cost of expert granularity into that kernel's and the
-    preemption points'. All engines serve the same burst in lockstep, pass by pass."""
-    fused = load_model(EngineConfig(model=model, device="cpu", granularity="iteration"))
+    preemption points'. All engines serve the same burst in lockstep, pass by pass. `fused` is the model
+    loaded for iteration granularity."""
     eager = load_model(EngineConfig(model=model, device="cpu", granularity="expert"))
     # A token budget of two prompts per pass: many passes of similar length, so that taking turns pass by
     # pass spreads a slow spell over every engine (one 4096-token pass would take most of a round).
@@ -258,15 +261,16 @@ def main() -> None:
         "rounds": args.rounds,
         "trials": args.trials,
     }
-    probe = load_model(EngineConfig(model=args.model, device="cpu"))
+    # Loaded once for every engine that runs transformers' default expert kernel.
+    fused = load_model(EngineConfig(model=args.model, device="cpu", granularity="iteration"))
     decode: dict[str, Any] = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
-    decode |= decode_comparison(args.model, probe.path, args.batch, 64, 64, rounds=args.rounds)
+    decode |= decode_comparison(args.model, fused, args.batch, 64, 64, rounds=args.rounds)
     results["decode_throughput"] = decode
     for name in ("transformers_default_experts", "transformers_eager_experts"):
         print(name, json.dumps({k: v for k, v in decode[name].items() if k != "rounds_step_s"}), flush=True)
 
     overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
-    overhead |= granularity_overhead(args.model, 16, 256, 16, rounds=args.rounds)
+    overhead |= granularity_overhead(args.model, fused, 16, 256, 16, rounds=args.rounds)
     results["be_only_granularity_overhead"] = overhead
     print(json.dumps({k: v for k, v in overhead.items() if k != "rounds_s"}, indent=1), flush=True)
 
@@ -277,7 +281,7 @@ def main() -> None:
         ("qllm", "layer"),
         ("qllm", "expert"),
     ):
-        r = ls_ttft_under_be_prefill(args.model, policy, granularity, probe.staged.num_layers, args.trials)
+        r = ls_ttft_under_be_prefill(args.model, policy, granularity, fused.staged.num_layers, args.trials)
         ttft[f"{policy}:{granularity}"] = r
         print(policy, granularity, json.dumps({k: v for k, v in r.items() if k != "trials"}), flush=True)
     results["ls_ttft_during_be_prefill"] = ttft

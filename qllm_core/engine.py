@@ -29,7 +29,6 @@ from qllm_core.request import PriorityClass, RequestOutput, SamplingParams
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
-_STATS_EVERY_S = 0.005
 
 
 @dataclass
@@ -130,9 +129,8 @@ class Engine:
         return await done
 
     def stats(self) -> EngineStats:
-        """The latest snapshot of queues, running work, KV usage and recent TTFTs: refreshed whenever a
-        request is admitted, aborted or given a token, and every few milliseconds between steps (the stage
-        shown for a pass running uninterrupted may lag; nothing else changes meanwhile)."""
+        """The latest snapshot of queues, running work, KV usage and recent TTFTs (refreshed every step; the
+        stage shown for a pass running on uninterrupted may lag, and nothing else changes meanwhile)."""
         return self._stats
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -143,25 +141,17 @@ class Engine:
 
     # ---- the loop thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        refreshed = 0.0
         try:
             while not self._stopping.is_set():
-                changed = self._drain_commands(block=not self._core.has_work())
+                self._drain_commands(block=not self._core.has_work())
                 if self._core.has_work():
                     try:
                         # Running on until a command is queued: an arrival is seen at the next preemption point.
-                        outputs = self._core.step(interrupted=self._commands_waiting)
+                        self._publish(self._core.step(interrupted=self._commands_waiting))
                     except Exception:  # a bug must not hang callers: fail them, keep serving
                         logger.exception("engine step failed; failing the requests in flight")
-                        outputs = self._core.fail_all(traceback.format_exc(limit=1).strip())
-                    self._publish(outputs)
-                    changed = changed or bool(outputs)
-                # A snapshot costs about as much as a preemption point: take one when requests came, went or
-                # got tokens, and otherwise every few milliseconds (between the experts of a long pass).
-                now = time.monotonic()
-                if changed or now - refreshed >= _STATS_EVERY_S:
-                    self._stats = self._core.stats()
-                    refreshed = now
+                        self._publish(self._core.fail_all(traceback.format_exc(limit=1).strip()))
+                self._stats = self._core.stats()
         finally:
             self._dead = "the engine was shut down"
             for sub in self._subscribers.values():
@@ -171,18 +161,17 @@ class Engine:
     def _commands_waiting(self) -> bool:
         return not self._commands.empty()
 
-    def _drain_commands(self, block: bool) -> bool:
-        """Run every queued command (waiting up to `_IDLE_WAIT_S` for one when `block`); True if any ran."""
+    def _drain_commands(self, block: bool) -> None:
         try:
             command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
         except queue.Empty:
-            return False
+            return
         command()
         while True:
             try:
                 self._commands.get_nowait()()
             except queue.Empty:
-                return True
+                return
 
     def _abort_now(self, request_id: str) -> bool:
         known = request_id in self._core.requests

@@ -110,7 +110,7 @@ class EngineCore:
         self._aborting: set[str] = set()
         self._emitted_text: dict[str, str] = {}
         self._in_state: Counter[tuple[PriorityClass, RequestState]] = Counter()
-        """Requests per class and state, kept by `_move` (stats read it at every step)."""
+        """Requests per class and state, kept by `_move` so that stats and gauges need no recount."""
         self._clock = clock
         self._next_pass_id = 0
         self._counters = _Counters(recent_ttft={c: deque(maxlen=config.ttft_window) for c in PriorityClass})
@@ -216,7 +216,7 @@ class EngineCore:
         if self.active is None:
             return outputs
         self._advance(self.active, interrupted)
-        if self.active is None or not self.active.done:
+        if not self.active.done:
             return outputs
         finished, self.active = self.active, None
         outputs += self._complete(finished)
@@ -494,9 +494,6 @@ class EngineCore:
         request.move_to(state)
         self._in_state[(request.priority, state)] += 1
 
-    def _counts(self) -> dict[tuple[PriorityClass, RequestState], int]:
-        return {(c, s): self._in_state[(c, s)] for c in PriorityClass for s in RequestState}
-
     def audit(self) -> None:
         """Recount requests per class and state, and check the KV pool's books (O(requests): for tests)."""
         kept = {k: n for k, n in self._in_state.items() if n}
@@ -506,7 +503,7 @@ class EngineCore:
         self.kv.audit()
 
     def _update_gauges(self) -> None:
-        counts = self._counts()
+        counts = self._in_state
         for c in PriorityClass:
             self.metrics.running.labels(c.label).set(counts[(c, RequestState.RUNNING)])
             self.metrics.waiting.labels(c.label).set(
@@ -516,7 +513,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         """Per-class queue depths, running work, KV usage and recent TTFTs."""
-        counts = self._counts()
+        counts = self._in_state
         active = self.active
         return EngineStats(
             classes={

@@ -126,7 +126,7 @@ class ForwardPass:
         return False
 
     def _run_unit(self) -> None:
-        expert = self._work.experts_left[0] if self.stage is Stage.EXPERT and self._work else -1
+        expert = next(iter(self._work.groups)) if self.stage is Stage.EXPERT and self._work else -1
         self.executed[(self.layer, self.stage, expert)] += 1
         self._units[self.stage]()
 
@@ -161,7 +161,7 @@ class ForwardPass:
 
     def _after_routed_work(self) -> None:
         assert self._work is not None  # noqa: S101
-        if self._work.experts_left:
+        if self._work.groups:
             self.stage = Stage.EXPERT
         elif self._model.has_shared_expert(self.layer) and self._work.shared_out is None:
             self.stage = Stage.SHARED_EXPERT

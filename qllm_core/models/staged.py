@@ -7,7 +7,7 @@ own forward operation for operation, so the engine's output is the model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,13 +24,11 @@ class LayerWork:
     normed: torch.Tensor
     top_k_index: torch.Tensor | None
     top_k_weights: torch.Tensor | None
-    experts_left: list[int]
-    """Hit experts not yet run, ascending."""
     out: torch.Tensor
     """Routed-expert output accumulated so far (or the dense MLP's output)."""
     shared_out: torch.Tensor | None = None
-    groups: dict[int, ExpertGroup] | None = None
-    """Per-expert work, for one-at-a-time execution."""
+    groups: dict[int, ExpertGroup] = field(default_factory=dict)
+    """Hit experts not yet run, ascending, with their work (one-at-a-time execution only)."""
 
 
 @dataclass(frozen=True)
@@ -109,12 +107,12 @@ class StagedModel:
         parts = self.parts[layer]
         if parts is None:
             dense = self.adapter.dense_mlp(module)(normed)
-            return LayerWork(hidden, normed, None, None, [], dense)
+            return LayerWork(hidden, normed, None, None, dense)
         _, weights, index = parts.gate(normed)
         if not per_expert:
-            return LayerWork(hidden, normed, index, weights, [], normed)
+            return LayerWork(hidden, normed, index, weights, normed)
         groups = group_by_expert(normed, index, weights, parts.num_experts)
-        return LayerWork(hidden, normed, index, weights, list(groups), torch.zeros_like(normed), groups=groups)
+        return LayerWork(hidden, normed, index, weights, torch.zeros_like(normed), groups=groups)
 
     def all_experts(self, layer: int, work: LayerWork) -> None:
         """Every routed expert at once through the model's own experts module (its configured kernel)."""
@@ -125,9 +123,9 @@ class StagedModel:
     def expert(self, layer: int, work: LayerWork) -> int:
         """Run the next hit expert on its tokens and add its weighted output; returns its id."""
         parts, weights = self.parts[layer], self._expert_weights[layer]
-        assert parts is not None and weights is not None and work.groups is not None  # noqa: S101
-        expert = work.experts_left.pop(0)
-        group = work.groups[expert]
+        assert parts is not None and weights is not None  # noqa: S101
+        expert = next(iter(work.groups))
+        group = work.groups.pop(expert)
         states = self.adapter.run_expert(parts.experts, weights[expert], group.inputs) * group.weights
         work.out.index_add_(0, group.tokens, states.to(work.out.dtype))  # routing weights may be float32
         return expert
