@@ -33,6 +33,12 @@ def prompt(i: int, length: int) -> list[int]:
     return [(t + 13 * i) % 497 + 3 for t in PROMPT_BASE[:length]]
 
 
+def synchronize(core: EngineCore) -> None:
+    """Wait for the core's device: on CUDA a host clock must not stop while queued GPU work runs."""
+    if core.loaded.device.type == "cuda":
+        torch.cuda.synchronize(core.loaded.device)
+
+
 def drain(core: EngineCore) -> None:
     """Step until idle."""
     while core.has_work():
@@ -53,11 +59,13 @@ class _Lockstep(LogitsProcessor):
         self._left: float | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        synchronize(self.core)  # generate's step ends when its logits exist, not when it has queued them
         entered = time.perf_counter()
         if self._left is not None:
             self.hf_steps.append(entered - self._left)
         if self.core.has_work():
             self.core.step()
+            synchronize(self.core)
             self.engine_steps.append(time.perf_counter() - entered)
         self._left = time.perf_counter()
         return scores
@@ -71,7 +79,7 @@ def decode_lockstep(core: EngineCore, model: Any, batch: int, prompt_len: int, n
         core.add_request(f"d-{i}", prompt(i, prompt_len), params, "be")
     core.step()  # the prefill pass, at iteration granularity one step
     clock = _Lockstep(core)
-    ids = torch.tensor([prompt(i, prompt_len) for i in range(batch)])
+    ids = torch.tensor([prompt(i, prompt_len) for i in range(batch)], device=core.loaded.device)
     with torch.inference_mode():
         model.generate(
             ids,
@@ -94,14 +102,16 @@ def paired_ratio(rounds: list[dict[str, float]], name: str, baseline: str) -> fl
 
 
 def decode_comparison(
-    model: str, loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: int, rounds: int
+    base: EngineConfig, loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: int, rounds: int
 ) -> dict:
     """Engine vs transformers decode step time at equal batch: lockstep runs against each expert kernel."""
     # The KV pool sized for this batch (8 x 128 tokens, with room), as transformers' cache is.
-    config = EngineConfig(model=model, device="cpu", granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
+    config = dataclasses.replace(base, granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
     core = EngineCore(config, loaded=loaded)
     hf = {
-        name: AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32, **kw).eval()
+        name: AutoModelForCausalLM.from_pretrained(
+            loaded.path, dtype=loaded.dtype, device_map=loaded.device, **kw
+        ).eval()
         for name, kw in (
             ("transformers_default_experts", {}),
             ("transformers_eager_experts", {"experts_implementation": "eager"}),
@@ -147,24 +157,32 @@ def lockstep_passes(cores: Mapping[str, EngineCore]) -> dict[str, float]:
             core.step(interrupted=_nothing_arrived)
             while core.active is not None:  # the pass is not done yet
                 core.step(interrupted=_nothing_arrived)
+            synchronize(core)
             totals[name] += time.perf_counter() - start
         turn += 1
     return totals
 
 
 def granularity_overhead(
-    model: str, fused: LoadedModel, requests: int, prompt_len: int, new_tokens: int, rounds: int
+    base: EngineConfig,
+    fused: LoadedModel,
+    eager: LoadedModel,
+    requests: int,
+    prompt_len: int,
+    new_tokens: int,
+    rounds: int,
 ) -> dict:
     """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`, each
     engine loaded as it is served: `iteration` and `layer` run a layer's experts through transformers'
     default fused kernel, `expert` runs them one by one with the eager loop's arithmetic. A fourth engine,
     `iteration` over the eager loop, splits the cost of expert granularity into that kernel's and the
-    preemption points'. All engines serve the same burst in lockstep, pass by pass. `fused` is the model
-    loaded for iteration granularity."""
-    eager = load_model(EngineConfig(model=model, device="cpu", granularity="expert"))
+    preemption points'. All engines serve the same burst in lockstep, pass by pass. `fused` and `eager` are
+    the model loaded for iteration and for expert granularity."""
     # A token budget of two prompts per pass: many passes of similar length, so that taking turns pass by
     # pass spreads a slow spell over every engine (one 4096-token pass would take most of a round).
-    base = EngineConfig(model=model, device="cpu", policy="qllm", max_batched_tokens=2 * prompt_len)
+    # KV for the whole burst with room to spare, and no more: four engines hold a pool each.
+    kv_tokens = 2 * requests * (prompt_len + new_tokens)
+    base = dataclasses.replace(base, policy="qllm", max_batched_tokens=2 * prompt_len, kv_cache_tokens=kv_tokens)
     cores = {
         "iteration": EngineCore(dataclasses.replace(base, granularity="iteration"), loaded=fused),
         "layer": EngineCore(dataclasses.replace(base, granularity="layer"), loaded=fused),
@@ -213,25 +231,28 @@ BE_BURST_PROMPT = 3072
 LS_PROMPT = prompt(7, 32)
 
 
-def ls_ttft_under_be_prefill(model: str, policy: str, granularity: str, layers: int, trials: int) -> dict[str, Any]:
+def ls_ttft_under_be_prefill(
+    base: EngineConfig, loaded: LoadedModel, policy: str, granularity: str, trials: int
+) -> dict[str, Any]:
     """LS TTFT on an idle engine vs while one long BE prompt (one pass) prefills, in units of one layer of
     that prefill. Each trial measures all three in a row: the LS request alone, the BE prefill alone (its
     TTFT is the pass time), and the LS request arriving during the prefill, at a different point of a
     layer in each trial."""
-    engine = Engine(EngineConfig(model=model, device="cpu", policy=policy, granularity=granularity))
+    engine = Engine(dataclasses.replace(base, policy=policy, granularity=granularity), loaded=loaded)
+    layers = loaded.staged.num_layers
     per_trial = []
     try:
         asyncio.run(_ttft(engine, LS_PROMPT, "ls", 1))  # warm-up
         for t in range(trials):
             idle = asyncio.run(_ttft(engine, LS_PROMPT, "ls", 1))
             layer = asyncio.run(_ttft(engine, prompt(100, BE_BURST_PROMPT), "be", 1)) / layers
-            loaded = asyncio.run(_ls_during_be_prefill(engine, 3 * layer + layer * t / trials))
+            busy = asyncio.run(_ls_during_be_prefill(engine, 3 * layer + layer * t / trials))
             per_trial.append(
                 {
                     "idle_ttft_s": idle,
                     "layer_s": layer,
-                    "loaded_ttft_s": loaded,
-                    "added_in_layers": (loaded - idle) / layer,
+                    "loaded_ttft_s": busy,
+                    "added_in_layers": (busy - idle) / layer,
                 }
             )
     finally:
@@ -243,7 +264,9 @@ def ls_ttft_under_be_prefill(model: str, policy: str, granularity: str, layers: 
 def main() -> None:
     """Run every measurement and write one JSON file."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="bench")
+    parser.add_argument("--model", default="bench", help="a built-in preset or a local checkpoint directory")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_bench.json"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--trials", type=int, default=5, help="LS TTFT trials per policy; median kept")
@@ -256,21 +279,27 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         },
         "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
         "rounds": args.rounds,
         "trials": args.trials,
     }
-    # Loaded once for every engine that runs transformers' default expert kernel.
-    fused = load_model(EngineConfig(model=args.model, device="cpu", granularity="iteration"))
+    # Loaded once each and shared: the model as iteration/layer granularity runs it (transformers' default
+    # expert kernel) and as expert granularity runs it (the eager loop's arithmetic).
+    base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
+    fused = load_model(dataclasses.replace(base, granularity="iteration"))
+    eager = load_model(dataclasses.replace(base, granularity="expert"))
     decode: dict[str, Any] = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
-    decode |= decode_comparison(args.model, fused, args.batch, 64, 64, rounds=args.rounds)
+    decode |= decode_comparison(base, fused, args.batch, 64, 64, rounds=args.rounds)
     results["decode_throughput"] = decode
     for name in ("transformers_default_experts", "transformers_eager_experts"):
         print(name, json.dumps({k: v for k, v in decode[name].items() if k != "rounds_step_s"}), flush=True)
 
     overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
-    overhead |= granularity_overhead(args.model, fused, 16, 256, 16, rounds=args.rounds)
+    overhead |= granularity_overhead(base, fused, eager, 16, 256, 16, rounds=args.rounds)
     results["be_only_granularity_overhead"] = overhead
     print(json.dumps({k: v for k, v in overhead.items() if k != "rounds_s"}, indent=1), flush=True)
 
@@ -281,7 +310,8 @@ def main() -> None:
         ("qllm", "layer"),
         ("qllm", "expert"),
     ):
-        r = ls_ttft_under_be_prefill(args.model, policy, granularity, fused.staged.num_layers, args.trials)
+        loaded = eager if granularity == "expert" else fused
+        r = ls_ttft_under_be_prefill(base, loaded, policy, granularity, args.trials)
         ttft[f"{policy}:{granularity}"] = r
         print(policy, granularity, json.dumps({k: v for k, v in r.items() if k != "trials"}), flush=True)
     results["ls_ttft_during_be_prefill"] = ttft

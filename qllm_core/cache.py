@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qllm_core.transfer import to_device
+
 
 class KVAccountingError(RuntimeError):
     """The pool's books do not balance (a bug, never a user error)."""
@@ -93,19 +95,19 @@ class KVCache:
         table, bs = self._tables[request_id], self.block_size
         if end - start <= _SHORT_RANGE:  # a few positions (a short prompt): plain Python is cheapest
             flat = [table[p // bs] * bs + p % bs for p in range(start, end)]
-            return torch.tensor(flat, dtype=torch.long, device=self.device)
+            return to_device(flat, self.device)
         # A long range (a prompt and its context): per-block tensor arithmetic, constant in length.
         first = start // bs
         blocks = torch.tensor(table[first : -(-end // bs)], dtype=torch.long)
         flat_t = (blocks[:, None] * bs + torch.arange(bs)).flatten()[start - first * bs : end - first * bs]
-        return flat_t.to(self.device)
+        return to_device(flat_t, self.device)
 
     def block_tables(self, request_ids: list[str]) -> torch.Tensor:
         """(batch, longest table) block ids of the requests, padded with block 0, on the cache's device."""
         tables = [self._tables[rid] for rid in request_ids]
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long).to(self.device)
+        return to_device(padded, self.device)
 
     def check(self) -> None:
         """Verify free + used == total (cheap: run on every change)."""

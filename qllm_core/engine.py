@@ -24,6 +24,7 @@ from qllm_core.config import EngineConfig
 from qllm_core.engine_core import EngineCore, EngineStats
 from qllm_core.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
 from qllm_core.metrics import EngineMetrics
+from qllm_core.models.registry import LoadedModel
 from qllm_core.request import PriorityClass, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,16 @@ class _Subscriber:
 class Engine:
     """One engine on one device. Thread-safe; any number of concurrent `generate` calls."""
 
-    def __init__(self, config: EngineConfig | None = None, metrics: EngineMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        metrics: EngineMetrics | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        """`loaded` shares a model already loaded for this config (benchmarks run many engines on one)."""
         self.config = config if config is not None else EngineConfig()
         self.metrics = metrics if metrics is not None else EngineMetrics()
-        self._core = EngineCore(self.config, self.metrics)
+        self._core = EngineCore(self.config, self.metrics, loaded=loaded)
         self.tokenizer = self._core.loaded.tokenizer
         self.max_model_len = self._core.loaded.max_model_len
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()

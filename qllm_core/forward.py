@@ -19,6 +19,7 @@ from qllm_core.config import Granularity
 from qllm_core.models.attention import AttentionBatch, SeqSlice
 from qllm_core.models.staged import LayerWork, StagedModel
 from qllm_core.request import PriorityClass, Request
+from qllm_core.transfer import to_device
 
 
 class Stage(enum.Enum):
@@ -78,8 +79,8 @@ class ForwardPass:
         device = kv.device
         ids = [t for e in entries for t in e.token_ids]
         positions = [e.start + i for e in entries for i in range(len(e.token_ids))]
-        self._token_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        self._positions = torch.tensor(positions, dtype=torch.long, device=device)
+        self._token_ids = to_device(ids, device)
+        self._positions = to_device(positions, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch = self._attention_batch()
         self.classes, self.ls_prefill = self._describe()
@@ -187,7 +188,7 @@ class ForwardPass:
         for e in self.entries:
             offset += len(e.token_ids)
             ends.append(offset - 1)
-        rows = torch.tensor(ends, dtype=torch.long, device=self.hidden.device)
+        rows = to_device(ends, self.hidden.device)
         self.logits = self._model.head(self.hidden, rows)
         self.hidden = None
         self.stage = Stage.DONE

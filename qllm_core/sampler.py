@@ -47,6 +47,6 @@ class Sampler:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = torch.cumsum(sorted_probs, 0) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)  # a boolean index would sync on CUDA
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return torch.multinomial(probs, 1, generator=self._generator(request_id, p.seed))[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from qllm_core.engine_core import EngineCore
 from qllm_core.models.builtin import build_tokenizer
 from qllm_core.request import RequestOutput
 
+DEVICE = os.environ.get("QLLM_TEST_DEVICE", "cpu")
+"""Where the engine tests run: CPU by default (CI); `QLLM_TEST_DEVICE=cuda` runs them on a GPU."""
 VOCAB = 384
 COMMON = dict(
     vocab_size=VOCAB,
@@ -98,8 +101,9 @@ def reference() -> Callable[..., list[int]]:
         key = (path, dtype, experts)
         if key not in models:
             kwargs = {} if experts is None else {"experts_implementation": experts}
-            models[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
-        out = models[key].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+            models[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(DEVICE).eval()
+        ids = torch.tensor([prompt_ids], device=DEVICE)
+        out = models[key].generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         return [int(t) for t in out[0, len(prompt_ids) :]]
 
     return generate

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from qllm_core.cache import KVCache
+from qllm_core.transfer import to_device
 
 ATTENTION_NAME = "qllm_paged"
 
@@ -60,7 +61,7 @@ class AttentionBatch:
         whatever the batch or context size."""
         bs = kv.block_size
         tables = kv.block_tables(request_ids)  # (B, blocks)
-        lengths = torch.tensor(positions, dtype=torch.long).to(kv.device) + 1
+        lengths = to_device(positions, kv.device) + 1
         longest = max(positions) + 1
         offsets = torch.arange(bs, device=kv.device)
         slots = (tables[:, :, None] * bs + offsets).flatten(1)[:, :longest].contiguous()  # (B, longest)

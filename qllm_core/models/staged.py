@@ -47,12 +47,16 @@ def group_by_expert(
     """A layer's routing (tokens, k) grouped by hit expert, ascending, each group in the order transformers'
     eager loop visits its tokens; rows and weights are gathered for all experts at once, so an expert's
     step only computes. One host read, for the group sizes."""
-    # (experts, k, tokens) nonzero walks expert by expert, slot by slot, token by token: for each expert
-    # exactly the (slot, token) order of the eager loop's torch.where. As in that loop, index
-    # `num_experts` (a token routed nowhere) gets a class of its own and is left out.
-    mask = torch.nn.functional.one_hot(index, num_classes=num_experts + 1).permute(2, 1, 0)
-    _, slots, tokens = mask.nonzero(as_tuple=True)
-    sizes = mask.sum(dim=(1, 2)).tolist()
+    # The eager loop visits an expert's tokens slot by slot, token by token (torch.where over its (k,
+    # tokens) mask). Flattening the routing slot-major and sorting it stably by expert gives every
+    # expert's hits in exactly that order, with no data-dependent shape (nonzero would sync on CUDA). As
+    # in that loop, index `num_experts` (a token routed nowhere) gets a group of its own and is left out.
+    tokens_n = index.shape[0]
+    flat = index.t().reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    slots, tokens = order // tokens_n, order % tokens_n
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=index.device)
+    sizes = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()
     parts = zip(
         tokens.split(sizes), normed[tokens].split(sizes), weights[tokens, slots, None].split(sizes), strict=True
     )

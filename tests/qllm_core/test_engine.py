@@ -19,11 +19,12 @@ from qllm_core import (
     SamplingParams,
 )
 from qllm_core.metrics import ENGINE_METRICS, PrometheusBackend, exported_names
+from tests.conftest import DEVICE
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    e = Engine(EngineConfig(model="tiny", device="cpu", dtype="float32"))
+    e = Engine(EngineConfig(model="tiny", device=DEVICE, dtype="float32"))
     yield e
     e.shutdown()
 
@@ -159,7 +160,7 @@ async def test_metrics_are_recorded_per_class(engine: Engine) -> None:
 
 
 async def test_shutdown_ends_streams_and_refuses_new_work() -> None:
-    e = Engine(EngineConfig(model="tiny", device="cpu"))
+    e = Engine(EngineConfig(model="tiny", device=DEVICE))
     stream = e.generate(prompt="long", params=SamplingParams(max_tokens=3000, ignore_eos=True))
     await stream.__anext__()
     e.shutdown()
@@ -170,7 +171,7 @@ async def test_shutdown_ends_streams_and_refuses_new_work() -> None:
 
 
 async def test_arrival_is_stamped_at_submission_not_when_the_engine_gets_to_it() -> None:
-    e = Engine(EngineConfig(model="tiny", device="cpu", policy="fcfs", granularity="iteration"))
+    e = Engine(EngineConfig(model="tiny", device=DEVICE, policy="fcfs", granularity="iteration"))
     try:
         long_be = e.generate(prompt_token_ids=[7] * 3500, params=SamplingParams(max_tokens=1), priority="be")
         be_task = asyncio.create_task(collect(long_be))
@@ -187,7 +188,7 @@ async def test_arrival_is_stamped_at_submission_not_when_the_engine_gets_to_it()
 @pytest.mark.parametrize("granularity", ["layer", "expert"])
 async def test_ls_arriving_mid_pass_is_noticed_at_the_next_preemption_point(granularity: str) -> None:
     """The loop runs a pass on through points the policy declined, but a queued command stops it there."""
-    e = Engine(EngineConfig(model="tiny", device="cpu", policy="qllm", granularity=granularity))
+    e = Engine(EngineConfig(model="tiny", device=DEVICE, policy="qllm", granularity=granularity))
     try:
         be = asyncio.create_task(
             collect(e.generate(prompt_token_ids=[7] * 3500, params=SamplingParams(max_tokens=1), priority="be"))

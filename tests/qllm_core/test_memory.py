@@ -7,7 +7,7 @@ import random
 from qllm_core import EngineConfig, FinishReason, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.request import RequestState
-from tests.conftest import drain
+from tests.conftest import DEVICE, drain
 
 
 def _burst(core: EngineCore, n: int) -> dict[str, list[int]]:
@@ -24,7 +24,7 @@ def _burst(core: EngineCore, n: int) -> dict[str, list[int]]:
 def test_burst_beyond_kv_capacity_is_served_completely() -> None:
     # 16 blocks of 16 tokens; 80 requests want ~6000 tokens of KV in all.
     small = EngineCore(
-        EngineConfig(model="tiny", device="cpu", dtype="float64", kv_cache_tokens=256, block_size=16, max_batch_size=8)
+        EngineConfig(model="tiny", device=DEVICE, dtype="float64", kv_cache_tokens=256, block_size=16, max_batch_size=8)
     )
     prompts = _burst(small, 80)
     finals: dict[str, object] = {}
@@ -43,14 +43,16 @@ def test_burst_beyond_kv_capacity_is_served_completely() -> None:
     assert small.metrics.evictions.labels("best_effort")._value.get() > 0, "the burst must force evictions"
 
     # Evicted-and-recomputed requests still produce exactly what an unconstrained engine produces.
-    big = EngineCore(EngineConfig(model="tiny", device="cpu", dtype="float64"))
+    big = EngineCore(EngineConfig(model="tiny", device=DEVICE, dtype="float64"))
     _burst(big, 80)
     expected = drain(big)
     assert {k: v.token_ids for k, v in finals.items()} == {k: v.token_ids for k, v in expected.items()}  # type: ignore[attr-defined]
 
 
 def test_aborted_request_in_a_suspended_pass_dropped_for_memory_ends_with_an_output() -> None:
-    core = EngineCore(EngineConfig(model="tiny", device="cpu", kv_cache_tokens=512, block_size=16, granularity="layer"))
+    core = EngineCore(
+        EngineConfig(model="tiny", device=DEVICE, kv_cache_tokens=512, block_size=16, granularity="layer")
+    )
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     core.add_request("be", [5] * 300, greedy, "be")  # 19 of 32 blocks
     core.step()
@@ -72,7 +74,7 @@ def test_aborted_request_in_a_suspended_pass_dropped_for_memory_ends_with_an_out
 
 def test_request_counts_stay_exact_through_preemption_eviction_and_aborts() -> None:
     core = EngineCore(
-        EngineConfig(model="tiny", device="cpu", kv_cache_tokens=256, block_size=16, granularity="expert")
+        EngineConfig(model="tiny", device=DEVICE, kv_cache_tokens=256, block_size=16, granularity="expert")
     )
     prompts = _burst(core, 30)
     for step in range(10_000):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.forward import ForwardPass, Stage
-from tests.conftest import drain
+from tests.conftest import DEVICE, drain
 
 LONG = [(i * 37) % 500 + 3 for i in range(600)]
 SHORT = [11, 22, 33]
@@ -13,7 +13,7 @@ GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 
 
 def _core(**kw: object) -> EngineCore:
-    return EngineCore(EngineConfig.from_dict({"model": "tiny", "device": "cpu", **kw}))
+    return EngineCore(EngineConfig.from_dict({"model": "tiny", "device": DEVICE, **kw}))
 
 
 def _assert_each_unit_ran_once(p: ForwardPass, num_layers: int) -> None:
@@ -107,7 +107,7 @@ def test_iteration_level_policies_make_ls_wait_for_the_be_prefill() -> None:
 def test_aging_bound_stops_preemption_of_be_work_held_back_too_long() -> None:
     clock = [0.0]
     core = EngineCore(
-        EngineConfig(model="tiny", device="cpu", granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
+        EngineConfig(model="tiny", device=DEVICE, granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
     )
     core.add_request("be", LONG, GREEDY, "be")
     clock[0] = 2.0  # it waited in the queue past the bound before its pass started
@@ -120,7 +120,7 @@ def test_aging_bound_stops_preemption_of_be_work_held_back_too_long() -> None:
 def test_suspended_be_pass_resumes_once_aged_even_with_ls_prompts_waiting() -> None:
     clock = [0.0]
     core = EngineCore(
-        EngineConfig(model="tiny", device="cpu", granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
+        EngineConfig(model="tiny", device=DEVICE, granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
     )
     core.add_request("be", LONG, GREEDY, "be")
     core.step()

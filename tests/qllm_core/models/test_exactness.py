@@ -15,7 +15,7 @@ import torch
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.models.builtin import build_tokenizer
-from tests.conftest import FAMILIES, VOCAB, drain
+from tests.conftest import DEVICE, FAMILIES, VOCAB, drain
 
 PROMPTS = [
     [5, 17, 99, 250, 3, 3, 42],
@@ -32,7 +32,7 @@ Reference = Callable[..., list[int]]
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_alone_matches_transformers(family: str, family_checkpoints: dict[str, Path], reference: Reference) -> None:
     path = family_checkpoints[family]
-    core = EngineCore(EngineConfig(model=str(path), dtype="float64", device="cpu", granularity="expert"))
+    core = EngineCore(EngineConfig(model=str(path), dtype="float64", device=DEVICE, granularity="expert"))
     for i, prompt in enumerate(PROMPTS):
         core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=MAX_NEW, temperature=0.0), "ls")
         out = drain(core)[f"r{i}"]
@@ -62,7 +62,7 @@ def test_mixed_load_with_preemption_matches_transformers(
 ) -> None:
     path = family_checkpoints[family]
     core = EngineCore(
-        EngineConfig(model=str(path), dtype="float64", device="cpu", policy="qllm", granularity=granularity)
+        EngineConfig(model=str(path), dtype="float64", device=DEVICE, policy="qllm", granularity=granularity)
     )
     prompts = _mixed_load(core)
     finals = drain(core)
@@ -74,7 +74,7 @@ def test_mixed_load_with_preemption_matches_transformers(
 def test_merged_passes_match_transformers(family_checkpoints: dict[str, Path], reference: Reference) -> None:
     path = family_checkpoints["mixtral"]
     core = EngineCore(
-        EngineConfig(model=str(path), dtype="float64", device="cpu", granularity="layer", merge_ls_into_be=True)
+        EngineConfig(model=str(path), dtype="float64", device=DEVICE, granularity="layer", merge_ls_into_be=True)
     )
     prompts = _mixed_load(core)
     finals = drain(core)
@@ -89,7 +89,7 @@ def test_default_tiny_model_float32_under_preemption(
 ) -> None:
     """float32, as served: expert granularity runs the eager loop's arithmetic; layer granularity runs the
     model's own experts module with transformers' default kernel (grouped_mm), compared with the same."""
-    core = EngineCore(EngineConfig(model="tiny", dtype="float32", device="cpu", granularity=granularity))
+    core = EngineCore(EngineConfig(model="tiny", dtype="float32", device=DEVICE, granularity=granularity))
     prompts = _mixed_load(core)
     finals = drain(core)
     assert core.stats().preemptions > 0
@@ -107,7 +107,7 @@ def test_sliding_window_matches_transformers(tmp_path: Path, reference: Referenc
     model.generation_config.eos_token_id = 0
     model.save_pretrained(tmp_path)
     build_tokenizer(VOCAB).save_pretrained(tmp_path)
-    core = EngineCore(EngineConfig(model=str(tmp_path), dtype="float64", device="cpu", granularity="iteration"))
+    core = EngineCore(EngineConfig(model=str(tmp_path), dtype="float64", device=DEVICE, granularity="iteration"))
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     for i, prompt in enumerate(PROMPTS):
         core.add_request(f"r{i}", prompt, params, "ls")

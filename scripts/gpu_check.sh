@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The engine's checks on a CUDA machine (not part of CI, which has no GPU): the engine tests on the GPU,
+# the host-synchronisation check, and the engine benchmark on a random checkpoint with OLMoE-1B-7B's
+# dimensions in bfloat16. Logs and JSON go to $OUT (default ./gpu_out). Each stage runs under its own
+# time limit and a failed stage does not stop the next. Usage: bash scripts/gpu_check.sh [layers]
+set -uo pipefail
+out=${OUT:-gpu_out}
+layers=${1:-16}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 QLLM_CACHE_DIR=${QLLM_CACHE_DIR:-/tmp/qllm-cache}
+py=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+$py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$out/gpu.txt"
+
+echo "== engine tests on CUDA"
+QLLM_TEST_DEVICE=cuda timeout 200 $py -m pytest -q -p no:cacheprovider -rs tests/qllm_core \
+    tests/benchmarks/test_engine_bench.py 2>&1 | tee "$out/tests.log" | tail -25
+
+echo "== engine benchmark, OLMoE-1B-7B shape, $layers layers, bfloat16"
+start=$(date +%s)
+timeout 90 $py -m benchmarks.make_checkpoint olmoe-1b-7b /tmp/olmoe --layers "$layers" --device cuda \
+    --dtype bfloat16 2>&1 | tail -2
+echo "checkpoint written in $(( $(date +%s) - start )) s"
+timeout 240 $py -m benchmarks.engine_bench --model /tmp/olmoe --device cuda --dtype bfloat16 --rounds 3 \
+    --trials 3 --out "$out/engine_bench_cuda.json" 2>&1 | tee "$out/bench.log" | grep -v "round"
