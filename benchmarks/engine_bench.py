@@ -164,30 +164,17 @@ def lockstep_passes(cores: Mapping[str, EngineCore]) -> dict[str, float]:
 
 
 def granularity_overhead(
-    base: EngineConfig,
-    fused: LoadedModel,
-    eager: LoadedModel,
-    requests: int,
-    prompt_len: int,
-    new_tokens: int,
-    rounds: int,
+    base: EngineConfig, loaded: LoadedModel, requests: int, prompt_len: int, new_tokens: int, rounds: int
 ) -> dict:
-    """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`, each
-    engine loaded as it is served: `iteration` and `layer` run a layer's experts through transformers'
-    default fused kernel, `expert` runs them one by one with the eager loop's arithmetic. A fourth engine,
-    `iteration` over the eager loop, splits the cost of expert granularity into that kernel's and the
-    preemption points'. All engines serve the same burst in lockstep, pass by pass. `fused` and `eager` are
-    the model loaded for iteration and for expert granularity."""
+    """BE-only time (nothing to preempt for) at `layer` and `expert` granularity against `iteration`, under
+    `qllm`: all engines serve the same burst in lockstep, pass by pass."""
     # A token budget of two prompts per pass: many passes of similar length, so that taking turns pass by
     # pass spreads a slow spell over every engine (one 4096-token pass would take most of a round).
-    # KV for the whole burst with room to spare, and no more: four engines hold a pool each.
+    # KV for the whole burst with room to spare, and no more: every engine holds a pool.
     kv_tokens = 2 * requests * (prompt_len + new_tokens)
     base = dataclasses.replace(base, policy="qllm", max_batched_tokens=2 * prompt_len, kv_cache_tokens=kv_tokens)
     cores = {
-        "iteration": EngineCore(dataclasses.replace(base, granularity="iteration"), loaded=fused),
-        "layer": EngineCore(dataclasses.replace(base, granularity="layer"), loaded=fused),
-        "expert": EngineCore(dataclasses.replace(base, granularity="expert"), loaded=eager),
-        "iteration_eager_experts": EngineCore(dataclasses.replace(base, granularity="iteration"), loaded=eager),
+        g: EngineCore(dataclasses.replace(base, granularity=g), loaded=loaded) for g in ("iteration", "layer", "expert")
     }
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     per_round = []
@@ -204,7 +191,6 @@ def granularity_overhead(
         "rounds_s": per_round,
         "tokens_per_s": {g: tokens / statistics.median(r[g] for r in per_round) for g in cores},
         "overhead_vs_iteration": {g: paired_ratio(per_round, g, "iteration") - 1 for g in ("layer", "expert")},
-        "expert_vs_iteration_eager_experts": paired_ratio(per_round, "expert", "iteration_eager_experts") - 1,
     }
 
 
@@ -284,22 +270,21 @@ def main() -> None:
         "model": args.model,
         "device": args.device,
         "dtype": args.dtype,
+        "expert_units_per_layer": EngineConfig.expert_units_per_layer,
         "rounds": args.rounds,
         "trials": args.trials,
     }
-    # Loaded once each and shared: the model as iteration/layer granularity runs it (transformers' default
-    # expert kernel) and as expert granularity runs it (the eager loop's arithmetic).
+    # Loaded once and shared by every engine of the run.
     base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
-    fused = load_model(dataclasses.replace(base, granularity="iteration"))
-    eager = load_model(dataclasses.replace(base, granularity="expert"))
+    loaded = load_model(base)
     decode: dict[str, Any] = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
-    decode |= decode_comparison(base, fused, args.batch, 64, 64, rounds=args.rounds)
+    decode |= decode_comparison(base, loaded, args.batch, 64, 64, rounds=args.rounds)
     results["decode_throughput"] = decode
     for name in ("transformers_default_experts", "transformers_eager_experts"):
         print(name, json.dumps({k: v for k, v in decode[name].items() if k != "rounds_step_s"}), flush=True)
 
     overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
-    overhead |= granularity_overhead(base, fused, eager, 16, 256, 16, rounds=args.rounds)
+    overhead |= granularity_overhead(base, loaded, 16, 256, 16, rounds=args.rounds)
     results["be_only_granularity_overhead"] = overhead
     print(json.dumps({k: v for k, v in overhead.items() if k != "rounds_s"}, indent=1), flush=True)
 
@@ -310,7 +295,6 @@ def main() -> None:
         ("qllm", "layer"),
         ("qllm", "expert"),
     ):
-        loaded = eager if granularity == "expert" else fused
         r = ls_ttft_under_be_prefill(base, loaded, policy, granularity, args.trials)
         ttft[f"{policy}:{granularity}"] = r
         print(policy, granularity, json.dumps({k: v for k, v in r.items() if k != "trials"}), flush=True)

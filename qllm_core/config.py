@@ -56,6 +56,9 @@ class EngineConfig:
     """Scheduling policy: "fcfs", "priority" or "qllm"."""
     granularity: str = "layer"
     """Preemption points: "iteration", "layer" or "expert"."""
+    expert_units_per_layer: int = 8
+    """At expert granularity, the most steps (and so preemption points) a layer's routed experts take: one
+    expert per step when no more are hit, else spans of consecutive experts with about equal tokens."""
     max_batch_size: int = 32
     """Most sequences in one forward pass."""
     max_batched_tokens: int = 4096
@@ -89,7 +92,14 @@ class EngineConfig:
             raise ConfigError(f"policy={self.policy!r} is unknown; use one of {', '.join(sorted(POLICIES))}")
         if self.granularity not in {g.value for g in Granularity}:
             raise ConfigError(f"granularity={self.granularity!r} is unknown; use 'iteration', 'layer' or 'expert'")
-        for name in ("max_batch_size", "max_batched_tokens", "kv_cache_tokens", "block_size", "ttft_window"):
+        for name in (
+            "expert_units_per_layer",
+            "max_batch_size",
+            "max_batched_tokens",
+            "kv_cache_tokens",
+            "block_size",
+            "ttft_window",
+        ):
             require_positive_int(name, getattr(self, name))
         if self.max_model_len is not None:
             require_positive_int("max_model_len", self.max_model_len)

@@ -45,15 +45,30 @@ class PassEntry:
     token_ids: tuple[int, ...]
 
 
+def describe(entries: list[PassEntry]) -> tuple[frozenset[PriorityClass], bool]:
+    """The classes in a batch, and whether an LS request in it is prefilling (its TTFT waits on the pass)."""
+    classes = frozenset(e.request.priority for e in entries)
+    ls_prefill = any(e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in entries)
+    return classes, ls_prefill
+
+
 class ForwardPass:
     """One forward pass over a batch, run stage by stage."""
 
     def __init__(
-        self, pass_id: int, model: StagedModel, kv: KVCache, entries: list[PassEntry], granularity: Granularity
+        self,
+        pass_id: int,
+        model: StagedModel,
+        kv: KVCache,
+        entries: list[PassEntry],
+        granularity: Granularity,
+        expert_units: int,
     ) -> None:
+        """`expert_units`: at expert granularity, the most steps a layer's routed experts take."""
         self.pass_id = pass_id
         self.entries = entries
         self.granularity = granularity
+        self.expert_units = expert_units
         self._model = model
         self._kv = kv
         self.layer = 0
@@ -83,15 +98,7 @@ class ForwardPass:
         self._positions = to_device(positions, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = self._describe()
-
-    def _describe(self) -> tuple[frozenset[PriorityClass], bool]:
-        """The classes in the pass, and whether an LS request in it is prefilling (its TTFT waits on it)."""
-        classes = frozenset(e.request.priority for e in self.entries)
-        ls_prefill = any(
-            e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in self.entries
-        )
-        return classes, ls_prefill
+        self.classes, self.ls_prefill = describe(entries)
 
     @property
     def done(self) -> bool:
@@ -127,7 +134,7 @@ class ForwardPass:
         return False
 
     def _run_unit(self) -> None:
-        expert = next(iter(self._work.groups)) if self.stage is Stage.EXPERT and self._work else -1
+        expert = self._work.spans[0].first if self.stage is Stage.EXPERT and self._work else -1
         self.executed[(self.layer, self.stage, expert)] += 1
         self._units[self.stage]()
 
@@ -143,9 +150,9 @@ class ForwardPass:
 
     def _route(self) -> None:
         assert self.hidden is not None  # noqa: S101
-        per_expert = self.granularity is Granularity.EXPERT
-        self._work = self._model.route(self.layer, self.hidden, per_expert)
-        if not per_expert and self._work.top_k_index is not None:
+        per_span = self.granularity is Granularity.EXPERT
+        self._work = self._model.route(self.layer, self.hidden, self.expert_units if per_span else None)
+        if not per_span and self._work.top_k_index is not None:
             self.stage = Stage.EXPERTS
             return
         self._after_routed_work()
@@ -157,12 +164,12 @@ class ForwardPass:
 
     def _expert(self) -> None:
         assert self._work is not None  # noqa: S101
-        self._model.expert(self.layer, self._work)
+        self._model.expert_span(self.layer, self._work)
         self._after_routed_work()
 
     def _after_routed_work(self) -> None:
         assert self._work is not None  # noqa: S101
-        if self._work.groups:
+        if self._work.spans:
             self.stage = Stage.EXPERT
         elif self._model.has_shared_expert(self.layer) and self._work.shared_out is None:
             self.stage = Stage.SHARED_EXPERT
@@ -226,6 +233,6 @@ class ForwardPass:
         self._token_ids = torch.cat([self._token_ids, other._token_ids])
         self._positions = torch.cat([self._positions, other._positions])
         self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = self._describe()
+        self.classes, self.ls_prefill = describe(self.entries)
         other.stage = Stage.DONE
         other.entries = []

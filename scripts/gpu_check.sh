@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine's checks on a CUDA machine (not part of CI, which has no GPU): the engine tests on the GPU,
-# the host-synchronisation check, and the engine benchmark on a random checkpoint with OLMoE-1B-7B's
-# dimensions in bfloat16. Logs and JSON go to $OUT (default ./gpu_out). Each stage runs under its own
+# the host-synchronisation check, the engine benchmark on a random checkpoint with OLMoE-1B-7B's
+# dimensions in bfloat16, and a profile of one decode step against transformers'. Logs and JSON go to $OUT (default ./gpu_out). Each stage runs under its own
 # time limit and a failed stage does not stop the next. Usage: bash scripts/gpu_check.sh [layers]
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -25,3 +25,8 @@ timeout 90 $py -m benchmarks.make_checkpoint olmoe-1b-7b /tmp/olmoe --layers "$l
 echo "checkpoint written in $(( $(date +%s) - start )) s"
 timeout 240 $py -m benchmarks.engine_bench --model /tmp/olmoe --device cuda --dtype bfloat16 --rounds 3 \
     --trials 3 --out "$out/engine_bench_cuda.json" 2>&1 | tee "$out/bench.log" | grep -v "round"
+
+echo "== decode step profile"
+timeout 150 $py -m benchmarks.decode_profile --model /tmp/olmoe --device cuda --dtype bfloat16 \
+    > "$out/decode_profile.txt" 2>&1
+grep -E "^==|launches|Self CPU time total" "$out/decode_profile.txt"

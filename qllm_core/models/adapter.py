@@ -84,6 +84,17 @@ class MoEAdapter:
         gate, up = nn.functional.linear(hidden, gate_up).chunk(2, dim=-1)
         return nn.functional.linear(experts.act_fn(gate) * up, down)
 
+    @staticmethod
+    def run_experts_grouped(
+        experts: Any, first: int, end: int, hidden: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """Experts [first, end) on their rows (grouped by expert, `offsets` ending each group) through one
+        `grouped_mm` per projection, as transformers' default kernel runs a whole layer's experts."""
+        gate_up = experts.gate_up_proj[first:end].transpose(-2, -1)
+        gate, up = nn.functional.grouped_mm(hidden, gate_up, offs=offsets).chunk(2, dim=-1)
+        down = experts.down_proj[first:end].transpose(-2, -1)
+        return nn.functional.grouped_mm(experts.act_fn(gate) * up, down, offs=offsets)
+
     @property
     def num_kv_heads(self) -> int:
         """Key/value heads per layer (the KV cache's width)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from qllm_core.config import BUILTIN_MODELS, EngineConfig, Granularity
+from qllm_core.config import BUILTIN_MODELS, EngineConfig
 from qllm_core.errors import ConfigError
 from qllm_core.models.adapter import MoEAdapter
 from qllm_core.models.attention import ATTENTION_NAME
@@ -53,13 +53,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)  # type: ignore[no-any-return]
 
 
-def experts_implementation(granularity: Granularity, dtype: torch.dtype) -> str | None:
+def experts_implementation(dtype: torch.dtype) -> str | None:
     """How a layer's experts run when they run together: transformers' default fused kernel (grouped_mm),
-    except where it cannot (no float64 kernel). Expert granularity runs experts one by one itself, with
-    the arithmetic of the eager loop, so the model is loaded with that loop for consistency."""
-    if granularity is Granularity.EXPERT or dtype == torch.float64:
-        return "eager"
-    return None
+    except where it has none (float64), where its eager loop runs them. At expert granularity a pass that
+    may be preempted runs its experts one by one itself, with the eager loop's arithmetic, whatever this is."""
+    return "eager" if dtype == torch.float64 else None
 
 
 def model_path(name: str) -> Path:
@@ -91,7 +89,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         dtype=dtype,
         device_map={"": device},
         attn_implementation=ATTENTION_NAME,
-        experts_implementation=experts_implementation(config.granularity_level, dtype),
+        experts_implementation=experts_implementation(dtype),
     )
     model.eval()
     model.requires_grad_(False)
@@ -107,7 +105,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     if not max_len:
         raise ConfigError("the model does not state its context length; set max_model_len")
     return LoadedModel(
-        staged=StagedModel(adapter_cls(model)),
+        staged=StagedModel(adapter_cls(model), grouped=experts_implementation(dtype) is None),
         tokenizer=tokenizer,
         path=path,
         dtype=dtype,

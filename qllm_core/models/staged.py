@@ -1,8 +1,8 @@
 """The model cut into stages that the engine runs one at a time, reusing the model's own modules.
 
-Per decoder layer: attention, routing, each hit expert in ascending id order (as transformers' eager
-loop), the shared expert if any, then the combine (residual add). The arithmetic mirrors the model's
-own forward operation for operation, so the engine's output is the model's.
+Per decoder layer: attention, routing, the routed experts (all at once through the model's own experts
+module, or span by span in ascending id order), the shared expert if any, then the combine (residual
+add). The arithmetic mirrors the model's own forward, so the engine's output is the model's.
 """
 
 from __future__ import annotations
@@ -27,26 +27,54 @@ class LayerWork:
     out: torch.Tensor
     """Routed-expert output accumulated so far (or the dense MLP's output)."""
     shared_out: torch.Tensor | None = None
-    groups: dict[int, ExpertGroup] = field(default_factory=dict)
-    """Hit experts not yet run, ascending, with their work (one-at-a-time execution only)."""
+    spans: list[ExpertSpan] = field(default_factory=list)
+    """Expert spans not yet run, ascending (span-by-span execution only)."""
 
 
 @dataclass(frozen=True)
-class ExpertGroup:
-    """One expert's share of a layer's routing: its tokens, their input rows and routing weights."""
+class ExpertSpan:
+    """Experts [first, end) as one unit: their (token, slot) rows expert by expert, each expert's in the
+    order transformers' eager loop visits them, with input rows and routing weights gathered."""
 
+    first: int
+    end: int
+    sizes: tuple[int, ...]
+    """Rows of each expert in [first, end) (zero for an expert no token chose)."""
+    offsets: torch.Tensor
+    """int32 running row count at each expert's end: the group offsets of `grouped_mm`."""
     tokens: torch.Tensor
     inputs: torch.Tensor
     weights: torch.Tensor
-    """Shaped (tokens, 1)."""
+    """Shaped (rows, 1)."""
+
+
+def split_experts(sizes: list[int], units: int) -> list[tuple[int, int]]:
+    """Expert ranges [first, end) to run as at most `units` units, covering every hit expert: one per hit
+    expert when they are no more than `units`, else consecutive ranges of about equal rows (a unit's
+    time, and so the wait at a preemption point, scales with its rows)."""
+    hit = [e for e, n in enumerate(sizes) if n]
+    if len(hit) <= units:
+        return [(e, e + 1) for e in hit]
+    total, done, cut = sum(sizes), 0, 1
+    ranges: list[tuple[int, int]] = []
+    first: int | None = None
+    for e in hit:
+        first = e if first is None else first
+        done += sizes[e]
+        if done * units >= cut * total:  # this expert reaches the next 1/units of the rows
+            ranges.append((first, e + 1))
+            first = None
+            while cut <= units and done * units >= cut * total:
+                cut += 1
+    return ranges
 
 
 def group_by_expert(
-    normed: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int
-) -> dict[int, ExpertGroup]:
-    """A layer's routing (tokens, k) grouped by hit expert, ascending, each group in the order transformers'
-    eager loop visits its tokens; rows and weights are gathered for all experts at once, so an expert's
-    step only computes. One host read, for the group sizes."""
+    normed: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int, units: int
+) -> list[ExpertSpan]:
+    """A layer's routing (tokens, k) grouped by hit expert into at most `units` spans (`split_experts`);
+    rows and weights are gathered for all experts at once, so a span's step only computes. One host
+    read, for the group sizes."""
     # The eager loop visits an expert's tokens slot by slot, token by token (torch.where over its (k,
     # tokens) mask). Flattening the routing slot-major and sorting it stably by expert gives every
     # expert's hits in exactly that order, with no data-dependent shape (nonzero would sync on CUDA). As
@@ -56,18 +84,29 @@ def group_by_expert(
     order = torch.argsort(flat, stable=True)
     slots, tokens = order // tokens_n, order % tokens_n
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=index.device)
-    sizes = counts.scatter_add_(0, flat, torch.ones_like(flat)).tolist()
-    parts = zip(
-        tokens.split(sizes), normed[tokens].split(sizes), weights[tokens, slots, None].split(sizes), strict=True
-    )
-    return {e: ExpertGroup(*group) for e, group in enumerate(parts) if e < num_experts and sizes[e]}
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    sizes = counts.tolist()
+    ends = counts.cumsum(0)
+    inputs, row_weights = normed[tokens], weights[tokens, slots, None]
+    spans = []
+    for first, end in split_experts(sizes[:num_experts], units):
+        start, stop = sum(sizes[:first]), sum(sizes[:end])
+        rows = slice(start, stop)
+        offsets = (ends[first:end] - start).to(torch.int32)
+        spans.append(
+            ExpertSpan(first, end, tuple(sizes[first:end]), offsets, tokens[rows], inputs[rows], row_weights[rows])
+        )
+    return spans
 
 
 class StagedModel:
     """Stage functions over one loaded model. Holds no per-pass state."""
 
-    def __init__(self, adapter: MoEAdapter) -> None:
+    def __init__(self, adapter: MoEAdapter, grouped: bool) -> None:
+        """`grouped`: a span of experts runs through one `grouped_mm` per projection, the model's default
+        kernel; else expert by expert with the eager loop's arithmetic (float64, which has no such kernel)."""
         self.adapter = adapter
+        self.grouped = grouped
         self.layers = list(adapter.layers)
         self.parts: list[MoEParts | None] = [adapter.moe_parts(layer) for layer in self.layers]
         self._expert_weights = [None if p is None else adapter.expert_weights(p.experts) for p in self.parts]
@@ -100,11 +139,12 @@ class StagedModel:
         )
         return hidden + attn_out[0]  # type: ignore[no-any-return]
 
-    def route(self, layer: int, hidden: torch.Tensor, per_expert: bool) -> LayerWork:
+    def route(self, layer: int, hidden: torch.Tensor, expert_units: int | None) -> LayerWork:
         """Post-attention norm and the model's own router (or, for a dense layer, its whole MLP).
 
-        `per_expert` lists the hit experts for one-at-a-time execution; that costs one device-to-host read
-        (transformers' eager loop pays the same), which whole-layer execution avoids.
+        `expert_units` splits the routed experts into at most that many spans, run one per step; that
+        costs one device-to-host read (transformers' eager loop pays the same). None runs them all at
+        once, with no host read.
         """
         module: nn.Module = self.layers[layer]
         normed = module.post_attention_layernorm(hidden)  # type: ignore[operator]
@@ -113,10 +153,10 @@ class StagedModel:
             dense = self.adapter.dense_mlp(module)(normed)
             return LayerWork(hidden, normed, None, None, dense)
         _, weights, index = parts.gate(normed)
-        if not per_expert:
+        if expert_units is None:
             return LayerWork(hidden, normed, index, weights, normed)
-        groups = group_by_expert(normed, index, weights, parts.num_experts)
-        return LayerWork(hidden, normed, index, weights, torch.zeros_like(normed), groups=groups)
+        spans = group_by_expert(normed, index, weights, parts.num_experts, expert_units)
+        return LayerWork(hidden, normed, index, weights, torch.zeros_like(normed), spans=spans)
 
     def all_experts(self, layer: int, work: LayerWork) -> None:
         """Every routed expert at once through the model's own experts module (its configured kernel)."""
@@ -124,15 +164,24 @@ class StagedModel:
         assert parts is not None  # noqa: S101
         work.out = parts.experts(work.normed, work.top_k_index, work.top_k_weights)
 
-    def expert(self, layer: int, work: LayerWork) -> int:
-        """Run the next hit expert on its tokens and add its weighted output; returns its id."""
+    def expert_span(self, layer: int, work: LayerWork) -> int:
+        """Run the next span of experts on its rows and add their weighted output; returns its first expert."""
         parts, weights = self.parts[layer], self._expert_weights[layer]
         assert parts is not None and weights is not None  # noqa: S101
-        expert = next(iter(work.groups))
-        group = work.groups.pop(expert)
-        states = self.adapter.run_expert(parts.experts, weights[expert], group.inputs) * group.weights
-        work.out.index_add_(0, group.tokens, states.to(work.out.dtype))  # routing weights may be float32
-        return expert
+        span = work.spans.pop(0)
+        if self.grouped:
+            states = self.adapter.run_experts_grouped(parts.experts, span.first, span.end, span.inputs, span.offsets)
+            work.out.index_add_(0, span.tokens, (states * span.weights).to(work.out.dtype))
+            return span.first
+        start = 0
+        for expert, size in enumerate(span.sizes, span.first):
+            if not size:
+                continue
+            rows = slice(start, start + size)
+            start += size
+            states = self.adapter.run_expert(parts.experts, weights[expert], span.inputs[rows]) * span.weights[rows]
+            work.out.index_add_(0, span.tokens[rows], states.to(work.out.dtype))  # routing weights may be float32
+        return span.first
 
     def shared_expert(self, layer: int, work: LayerWork) -> None:
         """The gated shared expert (Qwen2-MoE)."""

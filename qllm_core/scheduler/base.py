@@ -135,6 +135,14 @@ class Policy(ABC):
         """
         return False
 
+    def may_preempt(self, starting: PassInfo) -> bool:
+        """Could `should_preempt` ever say yes to this pass, which is about to start? Default: no.
+
+        A pass ruled out here runs without preemption points: nothing checks in on it, and at expert
+        granularity its experts run through the fused kernel. Answer True whenever in doubt.
+        """
+        return False
+
     def should_resume(self, view: SchedulerView) -> bool:
         """With a pass suspended and no pass running: resume it (True) or start a new pass first (False)."""
         return True

@@ -54,15 +54,17 @@ class QllmPolicy(Policy):
         left of it is no more work than one full decode iteration: then the LS prompt waits for the next
         pass instead, which costs it about as much as a pass of its own would and saves that pass."""
         running = view.running
-        if running is None or running.ls_prefill or not view.waiting[LS]:
-            return False
-        if running.num_tokens * running.layers_left <= self.config.max_batch_size * self._num_layers(running):
+        if running is None or not view.waiting[LS] or not self.may_preempt(running):
             return False
         return running.held_back_s < self.config.be_max_wait_s
 
-    @staticmethod
-    def _num_layers(running: PassInfo) -> int:
-        return running.layer + running.layers_left
+    def may_preempt(self, starting: PassInfo) -> bool:
+        """Not a pass carrying an LS prefill, nor one whose work left is no more than a decode iteration's
+        (at its start: a pass of at most `max_batch_size` tokens, such as any decode-only pass)."""
+        num_layers = starting.layer + starting.layers_left
+        return not starting.ls_prefill and starting.num_tokens * starting.layers_left > (
+            self.config.max_batch_size * num_layers
+        )
 
     def should_resume(self, view: SchedulerView) -> bool:
         """Resume the suspended pass once no LS prompt waits, or when it has aged."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qllm_core import EngineConfig, SamplingParams
+from qllm_core.config import Granularity
 from qllm_core.engine_core import EngineCore
 from qllm_core.forward import ForwardPass, Stage
 from tests.conftest import DEVICE, drain
@@ -157,3 +158,23 @@ def test_policy_is_asked_once_per_pass_until_a_request_arrives() -> None:
     assert len(asked) == 2 and core.stats().preemptions == 1
     drain(core)
     assert core.stats().preemptions == 1
+
+
+def test_a_pass_the_policy_could_never_preempt_runs_without_preemption_points() -> None:
+    core = _core(granularity="expert", policy="qllm")
+    core.add_request("be", LONG, GREEDY, "be")
+    core.step()
+    prefill = core.active
+    # 600 prompt tokens: qllm may preempt it, so it stops between experts.
+    assert prefill is not None and prefill.granularity is Granularity.EXPERT
+    while core.active is not None:
+        core.step()
+    assert any(stage is Stage.EXPERT for _, stage, _ in prefill.executed)
+    assert not any(stage is Stage.EXPERTS for _, stage, _ in prefill.executed)
+    # Each decode pass (one token) is no more than a decode iteration: qllm never preempts it, so it runs
+    # in one step, its experts through the fused kernel.
+    for _ in range(GREEDY.max_tokens - 1):
+        done = core.stats().passes_completed
+        outs = core.step()
+        assert core.active is None and core.stats().passes_completed == done + 1 and outs
+    assert not core.has_work()

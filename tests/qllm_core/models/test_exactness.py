@@ -15,6 +15,7 @@ import torch
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.models.builtin import build_tokenizer
+from qllm_core.request import RequestOutput
 from tests.conftest import DEVICE, FAMILIES, VOCAB, drain
 
 PROMPTS = [
@@ -39,10 +40,12 @@ def test_alone_matches_transformers(family: str, family_checkpoints: dict[str, P
         assert list(out.token_ids) == reference(path, torch.float64, prompt, MAX_NEW), f"prompt {i}"
 
 
-def _mixed_load(core: EngineCore) -> dict[str, list[int]]:
-    """BE prompts start first; LS prompts arrive while BE passes are mid-flight, so they preempt."""
+def _mixed_load(core: EngineCore) -> tuple[dict[str, list[int]], dict[str, RequestOutput]]:
+    """BE prompts start first; LS prompts arrive while BE passes are mid-flight, so they preempt. Returns
+    the prompts and the final outputs of the requests that finished meanwhile."""
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     prompts: dict[str, list[int]] = {}
+    finals: dict[str, RequestOutput] = {}
     for i in (2, 4, 3):
         prompts[f"be{i}"] = PROMPTS[i]
         core.add_request(f"be{i}", PROMPTS[i], params, "be")
@@ -51,21 +54,29 @@ def _mixed_load(core: EngineCore) -> dict[str, list[int]]:
             rid = f"ls{step}"
             prompts[rid] = PROMPTS[step % len(PROMPTS)]
             core.add_request(rid, prompts[rid], params, "ls")
-        core.step()
-    return prompts
+        finals.update((out.request_id, out) for out in core.step() if out.finished)
+    return prompts, finals
 
 
-@pytest.mark.parametrize("granularity", ["layer", "expert"])
+# Expert granularity with 8 units runs these 6-expert models one expert per step; with 2, in spans.
+@pytest.mark.parametrize(("granularity", "units"), [("layer", 8), ("expert", 8), ("expert", 2)])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_mixed_load_with_preemption_matches_transformers(
-    family: str, granularity: str, family_checkpoints: dict[str, Path], reference: Reference
+    family: str, granularity: str, units: int, family_checkpoints: dict[str, Path], reference: Reference
 ) -> None:
     path = family_checkpoints[family]
     core = EngineCore(
-        EngineConfig(model=str(path), dtype="float64", device=DEVICE, policy="qllm", granularity=granularity)
+        EngineConfig(
+            model=str(path),
+            dtype="float64",
+            device=DEVICE,
+            policy="qllm",
+            granularity=granularity,
+            expert_units_per_layer=units,
+        )
     )
-    prompts = _mixed_load(core)
-    finals = drain(core)
+    prompts, finals = _mixed_load(core)
+    finals |= drain(core)
     assert core.stats().preemptions > 0, "the workload must actually preempt BE passes"
     for rid, prompt in prompts.items():
         assert list(finals[rid].token_ids) == reference(path, torch.float64, prompt, MAX_NEW), rid
@@ -76,25 +87,29 @@ def test_merged_passes_match_transformers(family_checkpoints: dict[str, Path], r
     core = EngineCore(
         EngineConfig(model=str(path), dtype="float64", device=DEVICE, granularity="layer", merge_ls_into_be=True)
     )
-    prompts = _mixed_load(core)
-    finals = drain(core)
+    prompts, finals = _mixed_load(core)
+    finals |= drain(core)
     assert core.stats().merges > 0, "an LS pass must have joined a suspended BE pass"
     for rid, prompt in prompts.items():
         assert list(finals[rid].token_ids) == reference(path, torch.float64, prompt, MAX_NEW), rid
 
 
-@pytest.mark.parametrize(("granularity", "experts"), [("expert", "eager"), ("layer", None)])
-def test_default_tiny_model_float32_under_preemption(
-    granularity: str, experts: str | None, reference: Reference
-) -> None:
-    """float32, as served: expert granularity runs the eager loop's arithmetic; layer granularity runs the
-    model's own experts module with transformers' default kernel (grouped_mm), compared with the same."""
-    core = EngineCore(EngineConfig(model="tiny", dtype="float32", device=DEVICE, granularity=granularity))
-    prompts = _mixed_load(core)
-    finals = drain(core)
+@pytest.mark.parametrize(("granularity", "units"), [("expert", 8), ("expert", 3), ("layer", 8)])
+def test_default_tiny_model_float32_under_preemption(granularity: str, units: int, reference: Reference) -> None:
+    """float32, as served, against transformers' default expert kernel (grouped_mm). Layer granularity runs
+    the model's own experts module, so that kernel; expert granularity runs it too in passes the policy
+    could never preempt (decodes); in the others, spans of experts (one expert each with 8 units for its 8
+    experts) run through the same `grouped_mm`, span by span."""
+    core = EngineCore(
+        EngineConfig(
+            model="tiny", dtype="float32", device=DEVICE, granularity=granularity, expert_units_per_layer=units
+        )
+    )
+    prompts, finals = _mixed_load(core)
+    finals |= drain(core)
     assert core.stats().preemptions > 0
     for rid, prompt in prompts.items():
-        expected = reference(core.loaded.path, torch.float32, prompt, MAX_NEW, experts)
+        expected = reference(core.loaded.path, torch.float32, prompt, MAX_NEW, None)
         assert list(finals[rid].token_ids) == expected, rid
 
 

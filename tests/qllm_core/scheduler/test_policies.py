@@ -100,6 +100,21 @@ def test_qllm_lets_a_short_pass_finish_instead_of_preempting_it() -> None:
     assert policy.should_preempt(view([ls_prompt], running=running_pass({BE}, tokens=40)))
 
 
+def test_may_preempt_rules_out_exactly_the_passes_should_preempt_always_declines() -> None:
+    qllm = POLICIES["qllm"](CONFIG)
+    ls_prompt = req("ls", LS, 0.5)
+    for tokens in (1, CONFIG.max_batch_size, CONFIG.max_batch_size + 1, 400):
+        for ls_prefill in (False, True):
+            starting = PassInfo(frozenset({BE, LS}), ls_prefill, 0.0, 0, True, num_tokens=tokens, layers_left=8)
+            # At its start, with an LS prompt waiting: may_preempt is whether should_preempt would say yes.
+            assert qllm.may_preempt(starting) == qllm.should_preempt(view([ls_prompt], running=starting))
+    decode = PassInfo(frozenset({BE}), False, 0.0, 0, True, num_tokens=CONFIG.max_batch_size, layers_left=8)
+    prefill = PassInfo(frozenset({BE}), False, 0.0, 0, True, num_tokens=512, layers_left=8)
+    assert not qllm.may_preempt(decode) and qllm.may_preempt(prefill)
+    for name in ("fcfs", "priority"):
+        assert not POLICIES[name](CONFIG).may_preempt(prefill)
+
+
 def test_qllm_aging_stops_preemption_and_puts_be_first() -> None:
     policy = POLICIES["qllm"](CONFIG)
     ls_prompt = req("ls", LS, 9.9)

@@ -1,0 +1,79 @@
+"""Where a decode step's host time goes, engine against transformers (not a test).
+
+A decode step of a small batch is bound by the host on a GPU: the time is in Python and in launching
+kernels. This profiles one engine decode step and one `generate`-style decode step (the model's forward
+with its own cache, then argmax) at equal batch, and prints for each the operators by self CPU time and
+the count of kernel launches.
+
+Run: `python -m benchmarks.decode_profile --model DIR --device cuda --dtype bfloat16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM
+
+from benchmarks.engine_bench import prompt, synchronize
+from qllm_core import EngineConfig, SamplingParams
+from qllm_core.engine_core import EngineCore
+
+
+def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> str:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    return f"kernel launches per step: {launches / steps:.0f}\n{table}"
+
+
+def main() -> None:
+    """Profile both decode steps and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench", help="a built-in preset or a local checkpoint directory")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
+    core = EngineCore(dataclasses.replace(base, granularity="iteration", policy="fcfs", kv_cache_tokens=8192))
+    device = core.loaded.device
+    params = SamplingParams(max_tokens=10 * args.steps + 10, temperature=0.0, ignore_eos=True)
+    for i in range(args.batch):
+        core.add_request(f"d-{i}", prompt(i, 64), params, "be")
+    for _ in range(5):  # the prefill and a few warm decode steps
+        core.step()
+
+    def engine_step() -> None:
+        core.step()
+        synchronize(core)
+
+    print("== engine decode step\n" + _profiled(engine_step, device, args.steps), flush=True)
+
+    hf = AutoModelForCausalLM.from_pretrained(core.loaded.path, dtype=core.loaded.dtype, device_map=device).eval()
+    hf.load_state_dict(core.model.adapter.model.state_dict(), assign=True)
+    ids = torch.tensor([prompt(i, 64) for i in range(args.batch)], device=device)
+    with torch.inference_mode():
+        out = hf(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+        def hf_step() -> None:
+            nonlocal token
+            token = hf(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token.tolist()  # generate reads the tokens back every step too
+
+        for _ in range(3):
+            hf_step()
+        print("== transformers decode step\n" + _profiled(hf_step, device, args.steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Expert spans: how a layer's routed experts are cut into steps, and that running them span by span
+gives the experts module's own output."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from qllm_core.models.builtin import ensure_builtin
+from qllm_core.models.mixtral import MixtralAdapter
+from qllm_core.models.registry import experts_implementation
+from qllm_core.models.staged import LayerWork, StagedModel, split_experts
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=70), st.integers(1, 10))
+def test_spans_cover_each_hit_expert_once_in_at_most_units_steps(sizes: list[int], units: int) -> None:
+    ranges = split_experts(sizes, units)
+    hit = [e for e, n in enumerate(sizes) if n]
+    covered = [e for first, end in ranges for e in range(first, end) if sizes[e]]
+    assert covered == hit
+    assert len(ranges) <= units
+    assert all(sizes[first] and sizes[end - 1] for first, end in ranges), "a span starts and ends on a hit"
+    assert all(a_end <= b_first for (_, a_end), (b_first, _) in itertools.pairwise(ranges))
+    if len(hit) <= units:
+        assert ranges == [(e, e + 1) for e in hit]
+
+
+def test_spans_are_about_equal_in_rows() -> None:
+    # 64 experts, 8 units, rows 1..64: each span holds about an eighth of the rows (one expert over).
+    sizes = list(range(1, 65))
+    ranges = split_experts(sizes, 8)
+    assert len(ranges) == 8
+    share = sum(sizes) / 8
+    assert all(sum(sizes[a:b]) < share + max(sizes[a:b]) for a, b in ranges)
+
+
+@pytest.mark.parametrize(("dtype", "units"), [(torch.float64, 3), (torch.float64, 8), (torch.float32, 3)])
+def test_span_by_span_equals_the_experts_module(dtype: torch.dtype, units: int) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        ensure_builtin("tiny"), dtype=dtype, experts_implementation=experts_implementation(dtype)
+    ).eval()
+    staged = StagedModel(MixtralAdapter(model), grouped=experts_implementation(dtype) is None)
+    torch.manual_seed(0)
+    hidden = torch.randn(37, model.config.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        work = staged.route(1, hidden, units)
+        assert 1 <= len(work.spans) <= units
+        whole = LayerWork(work.residual, work.normed, work.top_k_index, work.top_k_weights, work.normed)
+        staged.all_experts(1, whole)
+        while work.spans:
+            staged.expert_span(1, work)
+    if dtype == torch.float64:  # the eager loop's arithmetic, in its order: bit for bit
+        assert torch.equal(work.out, whole.out)
+    else:  # grouped_mm over a span rounds a little differently from over the whole layer
+        torch.testing.assert_close(work.out, whole.out, rtol=1e-5, atol=1e-5)
