@@ -7,7 +7,6 @@ should take over, and finishes the pass (sampling, stop checks, outputs) when it
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import Counter, deque
@@ -20,7 +19,6 @@ from qllm_core.detokenizer import Detokenizer
 from qllm_core.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError
 from qllm_core.forward import ForwardPass, PassEntry, describe
 from qllm_core.metrics import EngineMetrics
-from qllm_core.models.attention import CudnnAttentionOff
 from qllm_core.models.registry import LoadedModel, load_model
 from qllm_core.request import (
     FinishReason,
@@ -104,9 +102,6 @@ class EngineCore:
         self.policy = POLICIES[config.policy](config.scheduler_config())
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self.sampler = Sampler(self.loaded.device)
-        self._attention_kernels: contextlib.AbstractContextManager[None] = (
-            CudnnAttentionOff() if self.loaded.device.type == "cuda" else contextlib.nullcontext()
-        )
         self.detokenizer = Detokenizer(self.loaded.tokenizer)
         self.requests: dict[str, Request] = {}
         self.active: ForwardPass | None = None
@@ -220,8 +215,7 @@ class EngineCore:
             self.active = self._choose_pass(now)
         if self.active is None:
             return outputs
-        with self._attention_kernels:
-            self._advance(self.active, interrupted)
+        self._advance(self.active, interrupted)
         if not self.active.done:
             return outputs
         finished, self.active = self.active, None

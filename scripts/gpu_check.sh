@@ -15,18 +15,18 @@ $py -c "import torch, transformers; print('torch', torch.__version__, 'transform
     | tee -a "$out/gpu.txt"
 
 echo "== engine tests on CUDA"
-QLLM_TEST_DEVICE=cuda timeout 100 $py -m pytest -q -p no:cacheprovider -rs tests/qllm_core \
+QLLM_TEST_DEVICE=cuda timeout 200 $py -m pytest -q -p no:cacheprovider -rs tests/qllm_core \
     tests/benchmarks/test_engine_bench.py 2>&1 | tee "$out/tests.log" | tail -25
 
 echo "== engine benchmark, OLMoE-1B-7B shape, $layers layers, bfloat16"
 start=$(date +%s)
-timeout 60 $py -m benchmarks.make_checkpoint olmoe-1b-7b /tmp/olmoe --layers "$layers" --device cuda \
+timeout 90 $py -m benchmarks.make_checkpoint olmoe-1b-7b /tmp/olmoe --layers "$layers" --device cuda \
     --dtype bfloat16 2>&1 | tail -2
 echo "checkpoint written in $(( $(date +%s) - start )) s"
-timeout 150 $py -m benchmarks.engine_bench --model /tmp/olmoe --device cuda --dtype bfloat16 --rounds 3 \
+timeout 240 $py -m benchmarks.engine_bench --model /tmp/olmoe --device cuda --dtype bfloat16 --rounds 3 \
     --trials 3 --out "$out/engine_bench_cuda.json" 2>&1 | tee "$out/bench.log" | grep -v "round"
 
 echo "== decode step profile"
-timeout 60 $py -m benchmarks.decode_profile --model /tmp/olmoe --device cuda --dtype bfloat16 \
+timeout 150 $py -m benchmarks.decode_profile --model /tmp/olmoe --device cuda --dtype bfloat16 \
     > "$out/decode_profile.txt" 2>&1
 grep -E "^==|launches|Self CPU time total" "$out/decode_profile.txt"

@@ -81,23 +81,6 @@ class AttentionBatch:
         return ((key_pos <= query_pos) & (query_pos - key_pos < window))[:, None, None, :]
 
 
-class CudnnAttentionOff:
-    """While entered, SDPA on CUDA does not choose cuDNN's backend (flash, memory-efficient and math remain).
-
-    Profiled on an H200 (torch 2.11), cuDNN's attention took 2.3 ms of host time per call: most of a
-    decode step, every layer. It works from execution plans per input shape, and every decode step brings
-    a new context length. The flag is process-wide, so it is set only while the engine steps and the
-    previous value is restored on exit.
-    """
-
-    def __enter__(self) -> None:
-        self._was = torch.backends.cuda.cudnn_sdp_enabled()
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.enable_cudnn_sdp(self._was)
-
-
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -67,10 +67,3 @@ def test_steps_synchronise_only_to_sample_and_to_group_experts(granularity: str)
     assert sites, "sync debug mode reported nothing: the check itself is not working"
     files = {site.split(":")[0] for site in sites}
     assert files <= ALLOWED[granularity], f"unexpected host synchronisations: {dict(sites)}"
-
-
-def test_the_step_leaves_the_process_attention_backends_as_it_found_them() -> None:
-    core = EngineCore(EngineConfig(model="tiny", device="cuda", dtype="bfloat16"))
-    core.add_request("r", list(range(3, 40)), SamplingParams(max_tokens=3, ignore_eos=True), "be")
-    drain(core)
-    assert torch.backends.cuda.cudnn_sdp_enabled()
