@@ -24,19 +24,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # Where a host synchronisation is allowed, by the engine file it happens in: reading sampled tokens, and
 # (expert granularity) the group sizes of a layer's routing.
 ENGINE, TESTS = f"{os.sep}qllm_core{os.sep}", f"{os.sep}tests{os.sep}"
+OUTSIDE = "outside the engine"
 ALLOWED = {"iteration": {"sampler.py"}, "layer": {"sampler.py"}, "expert": {"sampler.py", "staged.py"}}
 
 
 def _sync_sites(core: EngineCore) -> Counter[str]:
     """Drain the core with CUDA's sync debug mode on; every synchronising call by the innermost engine
-    frame it came from ("file.py:line", or the raw location when no engine frame is on the stack)."""
+    frame it came from ("file.py:line"), or OUTSIDE when no engine frame is on the stack."""
     sites: Counter[str] = Counter()
 
     def record(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
         if "synchroniz" not in str(message).lower():
             return
         ours = [f for f in traceback.extract_stack() if ENGINE in f.filename and TESTS not in f.filename]
-        sites[f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else f"{filename}:{lineno}"] += 1
+        # With no engine frame on the stack it is not the step loop's: torch 2.11 on an H200 made one such
+        # synchronisation in torch/cuda/__init__.py once per process.
+        sites[f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else OUTSIDE] += 1
 
     with warnings.catch_warnings():  # restores showwarning too
         warnings.simplefilter("always")
@@ -65,5 +68,5 @@ def test_steps_synchronise_only_to_sample_and_to_group_experts(granularity: str)
     sites = _sync_sites(core)
 
     assert sites, "sync debug mode reported nothing: the check itself is not working"
-    files = {site.split(":")[0] for site in sites}
+    files = {site.split(":")[0] for site in sites if site != OUTSIDE}
     assert files <= ALLOWED[granularity], f"unexpected host synchronisations: {dict(sites)}"
