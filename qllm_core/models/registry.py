@@ -55,8 +55,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def experts_implementation(dtype: torch.dtype) -> str | None:
     """How a layer's experts run when they run together: transformers' default fused kernel (grouped_mm),
-    except where it has none (float64), where its eager loop runs them. At expert granularity a pass that
-    may be preempted runs its experts one by one itself, with the eager loop's arithmetic, whatever this is."""
+    except where it has none (float64), where its eager loop runs them. At expert granularity the engine
+    runs spans of experts itself, through `grouped_mm` or, in float64, with the eager loop's arithmetic."""
     return "eager" if dtype == torch.float64 else None
 
 

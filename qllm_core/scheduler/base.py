@@ -135,13 +135,14 @@ class Policy(ABC):
         """
         return False
 
-    def may_preempt(self, starting: PassInfo) -> bool:
-        """Could `should_preempt` ever say yes to this pass, which is about to start? Default: no.
+    def may_preempt(self, info: PassInfo) -> bool:
+        """Could `should_preempt` ever say yes to this pass from where it stands? Asked as a pass starts.
 
         A pass ruled out here runs without preemption points: nothing checks in on it, and at expert
-        granularity its experts run through the fused kernel. Answer True whenever in doubt.
+        granularity its experts run through the fused kernel. Answer True whenever in doubt. Default:
+        True exactly when the policy overrides `should_preempt` (the base one never preempts).
         """
-        return False
+        return type(self).should_preempt is not Policy.should_preempt
 
     def should_resume(self, view: SchedulerView) -> bool:
         """With a pass suspended and no pass running: resume it (True) or start a new pass first (False)."""

@@ -58,13 +58,11 @@ class QllmPolicy(Policy):
             return False
         return running.held_back_s < self.config.be_max_wait_s
 
-    def may_preempt(self, starting: PassInfo) -> bool:
+    def may_preempt(self, info: PassInfo) -> bool:
         """Not a pass carrying an LS prefill, nor one whose work left is no more than a decode iteration's
         (at its start: a pass of at most `max_batch_size` tokens, such as any decode-only pass)."""
-        num_layers = starting.layer + starting.layers_left
-        return not starting.ls_prefill and starting.num_tokens * starting.layers_left > (
-            self.config.max_batch_size * num_layers
-        )
+        num_layers = info.layer + info.layers_left
+        return not info.ls_prefill and info.num_tokens * info.layers_left > self.config.max_batch_size * num_layers
 
     def should_resume(self, view: SchedulerView) -> bool:
         """Resume the suspended pass once no LS prompt waits, or when it has aged."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qllm_core.config import Granularity, SchedulerConfig
 from qllm_core.request import PriorityClass, Request, RequestState, SamplingParams
-from qllm_core.scheduler import POLICIES, PassInfo, SchedulerView
+from qllm_core.scheduler import POLICIES, BatchPlan, PassInfo, Policy, SchedulerView
 
 LS, BE = PriorityClass.LATENCY_SENSITIVE, PriorityClass.BEST_EFFORT
 CONFIG = SchedulerConfig(
@@ -113,6 +113,25 @@ def test_may_preempt_rules_out_exactly_the_passes_should_preempt_always_declines
     assert not qllm.may_preempt(decode) and qllm.may_preempt(prefill)
     for name in ("fcfs", "priority"):
         assert not POLICIES[name](CONFIG).may_preempt(prefill)
+
+
+def test_a_policy_that_overrides_should_preempt_may_preempt_by_default() -> None:
+    class Eager(Policy):
+        name = "eager"
+
+        def next_batch(self, view: SchedulerView) -> BatchPlan | None:
+            return None
+
+        def should_preempt(self, view: SchedulerView) -> bool:
+            return True
+
+    class Never(Eager):
+        should_preempt = Policy.should_preempt  # type: ignore[assignment]
+
+    prefill = PassInfo(frozenset({BE}), False, 0.0, 0, True, num_tokens=512, layers_left=8)
+    # Forgetting may_preempt must not silently turn preemption off: the default follows should_preempt.
+    assert Eager(CONFIG).may_preempt(prefill)
+    assert not Never(CONFIG).may_preempt(prefill)
 
 
 def test_qllm_aging_stops_preemption_and_puts_be_first() -> None:
