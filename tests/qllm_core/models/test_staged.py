@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from qllm_core.models.builtin import ensure_builtin
 from qllm_core.models.mixtral import MixtralAdapter
 from qllm_core.models.registry import experts_implementation
-from qllm_core.models.staged import LayerWork, StagedModel, split_experts
+from qllm_core.models.staged import LayerWork, StagedModel, batched_experts, split_experts
 
 
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=70), st.integers(1, 10))
@@ -58,3 +58,24 @@ def test_span_by_span_equals_the_experts_module(dtype: torch.dtype, units: int) 
         assert torch.equal(work.out, whole.out)
     else:  # grouped_mm over a span rounds a little differently from over the whole layer
         torch.testing.assert_close(work.out, whole.out, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_cpu_kernel_computes_the_experts_module_and_steps_aside_when_it_would_not_pay() -> None:
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin("tiny"), dtype=torch.float32).eval()
+    staged = StagedModel(MixtralAdapter(model), grouped=True)
+    parts = staged.parts[1]
+    assert parts is not None
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        normed = torch.randn(16, model.config.hidden_size)
+        weights = torch.rand(16, 2)
+        every_expert = torch.stack([torch.arange(16) % 8, (torch.arange(16) + 3) % 8], dim=1)  # 4 rows each
+        out = batched_experts(staged.adapter, parts.experts, normed, every_expert, weights)
+        assert out is not None
+        torch.testing.assert_close(out, parts.experts(normed, every_expert, weights), rtol=1e-5, atol=1e-5)
+        # Expert 7 has no rows: its weights would be read for nothing.
+        assert batched_experts(staged.adapter, parts.experts, normed, every_expert % 7, weights) is None
+        # Over 32 rows for an expert: grouped_mm is as fast.
+        many = torch.randn(160, model.config.hidden_size)
+        crowded = torch.stack([torch.arange(160) % 8, (torch.arange(160) + 1) % 8], dim=1)
+        assert batched_experts(staged.adapter, parts.experts, many, crowded, torch.rand(160, 2)) is None
