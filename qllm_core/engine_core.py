@@ -17,7 +17,7 @@ from qllm_core.cache import KVCache
 from qllm_core.config import EngineConfig, Granularity
 from qllm_core.detokenizer import Detokenizer
 from qllm_core.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError
-from qllm_core.forward import ForwardPass, PassEntry, describe
+from qllm_core.forward import ForwardPass, PassEntry
 from qllm_core.metrics import EngineMetrics
 from qllm_core.models.registry import LoadedModel, load_model
 from qllm_core.request import (
@@ -271,32 +271,27 @@ class EngineCore:
             entries.append(PassEntry(request, start, tuple(request.all_token_ids[start:])))
         self._next_pass_id += 1
         self._update_gauges()
-        queued_s = max(now - e.request.waiting_since for e in entries)
-        granularity = self._granularity_for(entries, queued_s)
         started = ForwardPass(
-            self._next_pass_id, self.model, self.kv, entries, granularity, self.config.expert_units_per_layer
+            self._next_pass_id,
+            self.model,
+            self.kv,
+            entries,
+            self.config.granularity_level,
+            self.config.expert_units_per_layer,
         )
-        started.queued_s = queued_s
+        started.queued_s = max(now - e.request.waiting_since for e in entries)
+        if started.granularity is not Granularity.ITERATION and self._never_preempted(started, now):
+            # No preemption points then: nothing checks in on it, and at expert granularity its experts
+            # run fused. It has run nothing yet, so its granularity can still change.
+            started.granularity = Granularity.ITERATION
         return started
 
-    def _granularity_for(self, entries: list[PassEntry], queued_s: float) -> Granularity:
-        """The configured granularity, unless the policy rules out ever preempting the pass: then it runs
-        without preemption points (`iteration`), and at expert granularity its experts run fused. A pass
-        that may be merged into a suspended one keeps its layer boundaries, where merging happens."""
-        configured = self.config.granularity_level
-        if configured is Granularity.ITERATION or (self.config.merge_ls_into_be and self.suspended):
-            return configured
-        classes, ls_prefill = describe(entries)
-        starting = PassInfo(
-            classes=classes,
-            ls_prefill=ls_prefill,
-            held_back_s=queued_s,
-            layer=0,
-            at_layer_boundary=True,
-            num_tokens=sum(len(e.token_ids) for e in entries),
-            layers_left=self.model.num_layers,
-        )
-        return configured if self.policy.may_preempt(starting) else Granularity.ITERATION
+    def _never_preempted(self, starting: ForwardPass, now: float) -> bool:
+        """True when the policy rules out ever preempting a pass about to start (`Policy.may_preempt`). A
+        pass that may be merged into a suspended one keeps its layer boundaries, where merging happens."""
+        if self.config.merge_ls_into_be and self.suspended:
+            return False
+        return not self.policy.may_preempt(self._pass_info(starting, now, suspended=False))
 
     def _suspend_active(self, now: float) -> None:
         running = self.active

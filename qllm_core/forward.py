@@ -45,7 +45,7 @@ class PassEntry:
     token_ids: tuple[int, ...]
 
 
-def describe(entries: list[PassEntry]) -> tuple[frozenset[PriorityClass], bool]:
+def _describe(entries: list[PassEntry]) -> tuple[frozenset[PriorityClass], bool]:
     """The classes in a batch, and whether an LS request in it is prefilling (its TTFT waits on the pass)."""
     classes = frozenset(e.request.priority for e in entries)
     ls_prefill = any(e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in entries)
@@ -98,7 +98,7 @@ class ForwardPass:
         self._positions = to_device(positions, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = describe(entries)
+        self.classes, self.ls_prefill = _describe(entries)
 
     @property
     def done(self) -> bool:
@@ -233,6 +233,6 @@ class ForwardPass:
         self._token_ids = torch.cat([self._token_ids, other._token_ids])
         self._positions = torch.cat([self._positions, other._positions])
         self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = describe(self.entries)
+        self.classes, self.ls_prefill = _describe(self.entries)
         other.stage = Stage.DONE
         other.entries = []
