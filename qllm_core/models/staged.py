@@ -69,6 +69,13 @@ def split_experts(sizes: list[int], units: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _expert_counts(flat_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows routed to each expert, plus a last count for index `num_experts` (a token routed nowhere).
+    A scatter-add, not `bincount`, whose output size depends on the data (a host read on CUDA)."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_index.device)
+    return counts.scatter_add_(0, flat_index, torch.ones_like(flat_index))
+
+
 def group_by_expert(
     normed: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_experts: int, units: int
 ) -> list[ExpertSpan]:
@@ -83,8 +90,7 @@ def group_by_expert(
     flat = index.t().reshape(-1)
     order = torch.argsort(flat, stable=True)
     slots, tokens = order // tokens_n, order % tokens_n
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=index.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = _expert_counts(flat, num_experts)
     sizes = counts.tolist()
     ends = counts.cumsum(0)
     inputs, row_weights = normed[tokens], weights[tokens, slots, None]
@@ -116,9 +122,9 @@ def batched_experts(
     does, so only the matrix products differ from it (rounding: 1e-6 in float32)."""
     num_experts, k = int(experts.num_experts), index.shape[1]  # type: ignore[arg-type]
     sorted_ids, perm = torch.sort(index.reshape(-1))
-    counts = torch.bincount(sorted_ids, minlength=num_experts)
+    counts = _expert_counts(sorted_ids, num_experts)[:num_experts]
     sizes = counts.tolist()
-    if len(sizes) != num_experts or min(sizes) == 0 or max(sizes) > _BATCHED_MAX_ROWS:
+    if len(perm) != sum(sizes) or min(sizes) == 0 or max(sizes) > _BATCHED_MAX_ROWS:  # unrouted rows too
         return None
     position = torch.arange(len(perm), device=index.device) - (counts.cumsum(0) - counts)[sorted_ids]
     padded = normed.new_zeros(num_experts, max(sizes), normed.shape[-1])
@@ -140,7 +146,8 @@ class StagedModel:
         self.grouped = grouped
         self.layers = list(adapter.layers)
         self.parts: list[MoEParts | None] = [adapter.moe_parts(layer) for layer in self.layers]
-        self._expert_weights = [None if p is None else adapter.expert_weights(p.experts) for p in self.parts]
+        # Per-expert weight views, for the eager arithmetic only (grouped spans slice the fused parameters).
+        self._expert_weights = [None if p is None or grouped else adapter.expert_weights(p.experts) for p in self.parts]
 
     @property
     def num_layers(self) -> int:
@@ -203,13 +210,15 @@ class StagedModel:
 
     def expert_span(self, layer: int, work: LayerWork) -> int:
         """Run the next span of experts on its rows and add their weighted output; returns its first expert."""
-        parts, weights = self.parts[layer], self._expert_weights[layer]
-        assert parts is not None and weights is not None  # noqa: S101
+        parts = self.parts[layer]
+        assert parts is not None  # noqa: S101
         span = work.spans.pop(0)
         if self.grouped:
             states = self.adapter.run_experts_grouped(parts.experts, span.first, span.end, span.inputs, span.offsets)
             work.out.index_add_(0, span.tokens, (states * span.weights).to(work.out.dtype))
             return span.first
+        weights = self._expert_weights[layer]
+        assert weights is not None  # noqa: S101
         start = 0
         for expert, size in enumerate(span.sizes, span.first):
             if not size:
