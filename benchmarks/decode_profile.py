@@ -16,9 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM
 
-from benchmarks.engine_bench import prompt, synchronize
+from benchmarks.engine_bench import prompt, synchronize, transformers_twin
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
 
@@ -58,8 +57,7 @@ def main() -> None:
 
     print("== engine decode step\n" + _profiled(engine_step, device, args.steps), flush=True)
 
-    hf = AutoModelForCausalLM.from_pretrained(core.loaded.path, dtype=core.loaded.dtype, device_map=device).eval()
-    hf.load_state_dict(core.model.adapter.model.state_dict(), assign=True)
+    hf = transformers_twin(core)
     ids = torch.tensor([prompt(i, 64) for i in range(args.batch)], device=device)
     with torch.inference_mode():
         out = hf(ids, use_cache=True)

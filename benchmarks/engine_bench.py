@@ -101,6 +101,16 @@ def paired_ratio(rounds: list[dict[str, float]], name: str, baseline: str) -> fl
     return statistics.median(r[name] / r[baseline] for r in rounds)
 
 
+def transformers_twin(core: EngineCore, **kwargs: Any) -> Any:
+    """The engine's model as transformers loads it (`kwargs` to `from_pretrained`), reading the very same
+    weight tensors as the engine: where a copy lands in memory (pages, alignment) moves a weight-bound
+    decode step by a few percent, which would otherwise pass for a difference between the two."""
+    loaded = core.loaded
+    model = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.dtype, device_map=loaded.device, **kwargs)
+    model.load_state_dict(core.model.adapter.model.state_dict(), assign=True)
+    return model.eval()
+
+
 def decode_comparison(
     base: EngineConfig, loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: int, rounds: int
 ) -> dict:
@@ -109,18 +119,9 @@ def decode_comparison(
     config = dataclasses.replace(base, granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
     core = EngineCore(config, loaded=loaded)
     hf = {
-        name: AutoModelForCausalLM.from_pretrained(
-            loaded.path, dtype=loaded.dtype, device_map=loaded.device, **kw
-        ).eval()
-        for name, kw in (
-            ("transformers_default_experts", {}),
-            ("transformers_eager_experts", {"experts_implementation": "eager"}),
-        )
+        "transformers_default_experts": transformers_twin(core),
+        "transformers_eager_experts": transformers_twin(core, experts_implementation="eager"),
     }
-    # Both sides read the very same weight tensors: where a copy lands in memory (pages, alignment) moves a
-    # weight-bound decode step by a few percent, which would otherwise pass for a difference between them.
-    for m in hf.values():
-        m.load_state_dict(core.model.adapter.model.state_dict(), assign=True)
     result: dict[str, Any] = {}
     for name, m in hf.items():
         decode_lockstep(core, m, batch, prompt_len, 4)  # warm-up
