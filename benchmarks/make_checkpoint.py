@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qwen2MoeConfig
@@ -21,11 +22,18 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, PretrainedConfig, Qw
 from qllm_core.models.builtin import build_tokenizer
 
 VOCAB = 512
+# What the built-in tokenizer fixes in every shape: its vocabulary and <|endoftext|> (id 0) as EOS and padding.
+_BUILTIN_TOKENIZER: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+    "bos_token_id": None,
+}
 
 # The published configs' shapes (allenai/OLMoE-1B-7B-0924, Qwen/Qwen1.5-MoE-A2.7B), vocabulary aside.
 SHAPES: dict[str, Callable[[int], PretrainedConfig]] = {
     "olmoe-1b-7b": lambda layers: OlmoeConfig(
-        vocab_size=VOCAB,
         hidden_size=2048,
         intermediate_size=1024,
         num_hidden_layers=layers,
@@ -35,13 +43,9 @@ SHAPES: dict[str, Callable[[int], PretrainedConfig]] = {
         num_experts_per_tok=8,
         norm_topk_prob=False,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        eos_token_id=0,  # the built-in tokenizer's <|endoftext|>
-        pad_token_id=0,
-        bos_token_id=None,
+        **_BUILTIN_TOKENIZER,
     ),
     "qwen1.5-moe-a2.7b": lambda layers: Qwen2MoeConfig(
-        vocab_size=VOCAB,
         hidden_size=2048,
         intermediate_size=5632,
         moe_intermediate_size=1408,
@@ -55,10 +59,7 @@ SHAPES: dict[str, Callable[[int], PretrainedConfig]] = {
         max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         qkv_bias=True,
-        tie_word_embeddings=False,
-        eos_token_id=0,  # the built-in tokenizer's <|endoftext|>
-        pad_token_id=0,
-        bos_token_id=None,
+        **_BUILTIN_TOKENIZER,
     ),
 }
 FULL_DEPTH = {"olmoe-1b-7b": 16, "qwen1.5-moe-a2.7b": 24}
