@@ -7,6 +7,7 @@ add). The arithmetic mirrors the model's own forward, so the engine's output is 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,9 @@ class ExpertSpan:
     end: int
     sizes: tuple[int, ...]
     """Rows of each expert in [first, end) (zero for an expert no token chose)."""
-    offsets: torch.Tensor
-    """int32 running row count at each expert's end: the group offsets of `grouped_mm`."""
+    offsets: torch.Tensor | None
+    """int32 running row count at each expert's end, the group offsets of `grouped_mm`; None for a span of
+    one expert, which runs as plain matrix products."""
     tokens: torch.Tensor
     inputs: torch.Tensor
     weights: torch.Tensor
@@ -89,16 +91,18 @@ def group_by_expert(
     tokens_n = index.shape[0]
     flat = index.t().reshape(-1)
     order = torch.argsort(flat, stable=True)
-    slots, tokens = order // tokens_n, order % tokens_n
+    tokens = order % tokens_n
     counts = _expert_counts(flat, num_experts)
     sizes = counts.tolist()
+    starts = [0, *itertools.accumulate(sizes)]
     ends = counts.cumsum(0)
-    inputs, row_weights = normed[tokens], weights[tokens, slots, None]
+    # index_select, not advanced indexing: the same gather at a quarter of the time on a CPU.
+    inputs = normed.index_select(0, tokens)
+    row_weights = weights.t().reshape(-1).index_select(0, order)[:, None]  # slot-major, as `flat`
     spans = []
     for first, end in split_experts(sizes[:num_experts], units):
-        start, stop = sum(sizes[:first]), sum(sizes[:end])
-        rows = slice(start, stop)
-        offsets = (ends[first:end] - start).to(torch.int32)
+        rows = slice(starts[first], starts[end])
+        offsets = (ends[first:end] - starts[first]).to(torch.int32) if end - first > 1 else None
         spans.append(
             ExpertSpan(first, end, tuple(sizes[first:end]), offsets, tokens[rows], inputs[rows], row_weights[rows])
         )
@@ -146,8 +150,8 @@ class StagedModel:
         self.grouped = grouped
         self.layers = list(adapter.layers)
         self.parts: list[MoEParts | None] = [adapter.moe_parts(layer) for layer in self.layers]
-        # Per-expert weight views, for the eager arithmetic only (grouped spans slice the fused parameters).
-        self._expert_weights = [None if p is None or grouped else adapter.expert_weights(p.experts) for p in self.parts]
+        # Per-expert views of the fused weights (no copy), for spans run with the eager loop's arithmetic.
+        self._expert_weights = [[] if p is None else adapter.expert_weights(p.experts) for p in self.parts]
 
     @property
     def num_layers(self) -> int:
@@ -209,23 +213,24 @@ class StagedModel:
         work.out = parts.experts(work.normed, work.top_k_index, work.top_k_weights)
 
     def expert_span(self, layer: int, work: LayerWork) -> int:
-        """Run the next span of experts on its rows and add their weighted output; returns its first expert."""
+        """Run the next span of experts on its rows and add their weighted output; returns its first expert.
+        A span of several experts runs through `grouped_mm` (when the model's kernel is grouped); a span of
+        one, or any span in float64, runs expert by expert with the eager loop's arithmetic."""
         parts = self.parts[layer]
         assert parts is not None  # noqa: S101
         span = work.spans.pop(0)
-        if self.grouped:
+        if self.grouped and span.offsets is not None:
             states = self.adapter.run_experts_grouped(parts.experts, span.first, span.end, span.inputs, span.offsets)
             work.out.index_add_(0, span.tokens, (states * span.weights).to(work.out.dtype))
             return span.first
-        weights = self._expert_weights[layer]
-        assert weights is not None  # noqa: S101
         start = 0
         for expert, size in enumerate(span.sizes, span.first):
             if not size:
                 continue
             rows = slice(start, start + size)
             start += size
-            states = self.adapter.run_expert(parts.experts, weights[expert], span.inputs[rows]) * span.weights[rows]
+            expert_weights = self._expert_weights[layer][expert]
+            states = self.adapter.run_expert(parts.experts, expert_weights, span.inputs[rows]) * span.weights[rows]
             work.out.index_add_(0, span.tokens[rows], states.to(work.out.dtype))  # routing weights may be float32
         return span.first
 

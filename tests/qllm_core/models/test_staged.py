@@ -39,8 +39,12 @@ def test_spans_are_about_equal_in_rows() -> None:
     assert all(sum(sizes[a:b]) < share + max(sizes[a:b]) for a, b in ranges)
 
 
-@pytest.mark.parametrize(("dtype", "units"), [(torch.float64, 3), (torch.float64, 8), (torch.float32, 3)])
+@pytest.mark.parametrize(
+    ("dtype", "units"), [(torch.float64, 3), (torch.float64, 8), (torch.float32, 3), (torch.float32, 8)]
+)
 def test_span_by_span_equals_the_experts_module(dtype: torch.dtype, units: int) -> None:
+    """Spans of several experts run grouped_mm (float32), spans of one expert and float64 the eager loop's
+    arithmetic; either way the layer's output is the experts module's."""
     model = AutoModelForCausalLM.from_pretrained(
         ensure_builtin("tiny"), dtype=dtype, experts_implementation=experts_implementation(dtype)
     ).eval()
@@ -50,6 +54,7 @@ def test_span_by_span_equals_the_experts_module(dtype: torch.dtype, units: int) 
     with torch.inference_mode():
         work = staged.route(1, hidden, units)
         assert 1 <= len(work.spans) <= units
+        assert all((span.offsets is None) == (span.end - span.first == 1) for span in work.spans)
         whole = LayerWork(work.residual, work.normed, work.top_k_index, work.top_k_weights, work.normed)
         staged.all_experts(1, whole)
         while work.spans:
