@@ -42,6 +42,8 @@ class KVCache:
         # Popping from the end hands out low block ids first, which keeps tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[str, list[int]] = {}
+        # Kept apart from the free list, so that `check` compares two books in O(1); `audit` recounts it.
+        self._used = 0
 
     @property
     def free_blocks(self) -> int:
@@ -51,7 +53,7 @@ class KVCache:
     @property
     def used_blocks(self) -> int:
         """Blocks held by requests."""
-        return sum(len(t) for t in self._tables.values())
+        return self._used
 
     @property
     def capacity_tokens(self) -> int:
@@ -77,12 +79,14 @@ class KVCache:
         table = self._tables.setdefault(request_id, [])
         for _ in range(need):
             table.append(self._free.pop())
+        self._used += need
         self.check()
 
     def free(self, request_id: str) -> int:
         """Return every block of a request to the pool; returns how many were freed."""
         table = self._tables.pop(request_id, [])
         self._free.extend(reversed(table))
+        self._used -= len(table)
         self.check()
         return len(table)
 
@@ -119,6 +123,8 @@ class KVCache:
         """`check` plus: no block is owned twice or both owned and free (O(blocks): for tests and debugging)."""
         self.check()
         owned = [b for t in self._tables.values() for b in t]
+        if len(owned) != self._used:
+            raise KVAccountingError(f"KV books broken: the tables hold {len(owned)} blocks but used={self._used}")
         if len(set(owned) | set(self._free)) != self.num_blocks:
             raise KVAccountingError(
                 f"KV books broken: {self.num_blocks} blocks in total but "

@@ -339,20 +339,24 @@ class EngineCore:
         now = self._clock()
         self._counters.passes += 1
         outputs = []
+        generated = dict.fromkeys(PriorityClass, 0)
         for entry, token in zip(entries, tokens, strict=True):
             request = entry.request
             request.num_cached_tokens = request.num_tokens
             if request.request_id in self._aborting:
                 outputs.append(self._finish(request, FinishReason.ABORT, now))
                 continue
+            generated[request.priority] += 1
             outputs.append(self._append_token(request, token, now))
+        for cls, count in generated.items():  # once per class, not per token: a labelled inc takes a lock
+            if count:
+                self.metrics.generated_tokens.labels(cls.label).inc(count)
         return outputs
 
     def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
         request.output_token_ids.append(token)
         request.times.tokens.append(now)
         cls = request.priority
-        self.metrics.generated_tokens.labels(cls.label).inc()
         if request.times.first_token is None:
             request.times.first_token = now
             ttft = now - request.arrival

@@ -41,6 +41,16 @@ def test_broken_books_are_reported_with_counts() -> None:
         kv.check()
 
 
+def test_audit_recounts_the_tables_behind_the_used_count() -> None:
+    kv = _pool(4)
+    kv.allocate("a", 4)
+    kv._free.pop()  # a block lost from the free list but booked as used: the two books still balance,
+    kv._used += 1  # so only a recount of the tables finds it
+    kv.check()
+    with pytest.raises(KVAccountingError, match="the tables hold 1 blocks but used=2"):
+        kv.audit()
+
+
 @pytest.mark.parametrize(("start", "end"), [(0, 1), (3, 7), (0, 300), (5, 400), (131, 400), (399, 400)])
 def test_slots_follow_the_block_table_for_short_and_long_ranges(start: int, end: int) -> None:
     kv = KVCache(1, 1, 4, 200, 4, torch.float32, torch.device("cpu"))
