@@ -154,11 +154,15 @@ class Engine:
                 if self._core.has_work():
                     try:
                         # Running on until a command is queued: an arrival is seen at the next preemption point.
-                        self._publish(self._core.step(interrupted=self._commands_waiting))
+                        outputs = self._core.step(interrupted=self._commands_waiting)
                     except Exception:  # a bug must not hang callers: fail them, keep serving
                         logger.exception("engine step failed; failing the requests in flight")
-                        self._publish(self._core.fail_all(traceback.format_exc(limit=1).strip()))
-                self._stats = self._core.stats()
+                        outputs = self._core.fail_all(traceback.format_exc(limit=1).strip())
+                    # The snapshot first: a caller that has seen an output then sees stats at least as new.
+                    self._stats = self._core.stats()
+                    self._publish(outputs)
+                else:
+                    self._stats = self._core.stats()
         finally:
             self._dead = "the engine was shut down"
             for sub in self._subscribers.values():
