@@ -108,7 +108,9 @@ async def _full_then_queued(base: str, victim: str) -> tuple[list[httpx.Response
             body = {"prompt": "x", "max_tokens": max_tokens, "priority": "be", "ignore_eos": True}
             return asyncio.create_task(client.post(f"{base}/v1/completions", json=body, timeout=120))
 
-        running = [post(300) for _ in range(64)]
+        # More long decodes than the 64 batch slots: both batches stay full however the router splits them
+        # (a free slot on the victim would let a queued request start there and be cut mid-way).
+        running = [post(300) for _ in range(80)]
         await asyncio.sleep(1.5)  # both batches are full and decoding
         queued = [post(2) for _ in range(16)]  # wait at their replica for a free batch slot: no token yet
         await asyncio.sleep(0.5)
