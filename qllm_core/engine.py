@@ -151,6 +151,7 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self._core.has_work())
+                outputs: list[RequestOutput] = []
                 if self._core.has_work():
                     try:
                         # Running on until a command is queued: an arrival is seen at the next preemption point.
@@ -158,11 +159,9 @@ class Engine:
                     except Exception:  # a bug must not hang callers: fail them, keep serving
                         logger.exception("engine step failed; failing the requests in flight")
                         outputs = self._core.fail_all(traceback.format_exc(limit=1).strip())
-                    # The snapshot first: a caller that has seen an output then sees stats at least as new.
-                    self._stats = self._core.stats()
-                    self._publish(outputs)
-                else:
-                    self._stats = self._core.stats()
+                # The snapshot first: a caller that has seen an output then sees stats at least as new.
+                self._stats = self._core.stats()
+                self._publish(outputs)
         finally:
             self._dead = "the engine was shut down"
             for sub in self._subscribers.values():

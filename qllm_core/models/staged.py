@@ -143,9 +143,10 @@ class StagedModel:
     """Stage functions over one loaded model. Holds no per-pass state."""
 
     def __init__(self, adapter: MoEAdapter, grouped: bool) -> None:
-        """`grouped`: the model's default kernel (grouped_mm) runs its experts, and a span of experts runs
-        through one `grouped_mm` per projection; else (float64, which has no such kernel) the eager loop
-        runs them, and a span runs expert by expert with its arithmetic."""
+        """`grouped`: the model's default kernel (grouped_mm) runs its experts, and a span of several
+        experts runs through one `grouped_mm` per projection; else (float64, which has no such kernel) the
+        eager loop runs them. A span of one expert, and every span in float64, runs expert by expert with
+        the eager loop's arithmetic."""
         self.adapter = adapter
         self.grouped = grouped
         self.layers = list(adapter.layers)
