@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qllm_core.engine_core import EngineStats
+from qllm_core.stats import EngineStats
 
 LS, BE = "latency_sensitive", "best_effort"
 # An engine is "full" for BE once this many sequences are queued or running per batch slot.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qllm_core.transfer import to_device
@@ -13,6 +15,16 @@ class KVAccountingError(RuntimeError):
 
 # Below this many positions, building slot ids in Python beats tensor arithmetic (measured on CPU).
 _SHORT_RANGE = 128
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What one token's KV looks like in every layer: the model says (`StagedModel.kv_layout`), the pool holds."""
+
+    num_layers: int
+    num_kv_heads: int
+    k_head_dim: int
+    v_head_dim: int
 
 
 class KVCache:
@@ -44,6 +56,15 @@ class KVCache:
         self._tables: dict[str, list[int]] = {}
         # Kept apart from the free list, so that `check` compares two books in O(1); `audit` recounts it.
         self._used = 0
+
+    @classmethod
+    def for_layout(
+        cls, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> KVCache:
+        """A pool shaped for a model's KV layout."""
+        if layout.k_head_dim != layout.v_head_dim:
+            raise NotImplementedError("K and V of different widths are not supported yet")
+        return cls(layout.num_layers, layout.num_kv_heads, layout.k_head_dim, num_blocks, block_size, dtype, device)
 
     @property
     def free_blocks(self) -> int:

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from qllm_core.config import EngineConfig
-from qllm_core.engine_core import EngineCore, EngineStats
-from qllm_core.errors import EngineStoppedError, InvalidRequestError, RequestFailedError
+from qllm_core.engine_core import EngineCore
+from qllm_core.errors import EngineStalledError, EngineStoppedError, InvalidRequestError, RequestFailedError
 from qllm_core.metrics import EngineMetrics
 from qllm_core.models.registry import LoadedModel
 from qllm_core.request import PriorityClass, RequestOutput, SamplingParams
+from qllm_core.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class Engine:
         self._stats = self._core.stats()
         self._stopping = threading.Event()
         self._dead: str | None = None
+        self._turn_ended = time.monotonic()
+        """When the loop last finished a turn (a step, or an idle wait): what `check_health` judges."""
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="qllm-engine", daemon=True)
         self._thread.start()
 
@@ -140,6 +144,20 @@ class Engine:
         stage shown for a pass running on uninterrupted may lag, and nothing else changes meanwhile)."""
         return self._stats
 
+    def check_health(self, stall_timeout_s: float) -> None:
+        """Raise unless the step loop is alive and, while it has work, finished a turn within `stall_timeout_s`.
+
+        `EngineStoppedError`: the loop died or was shut down (every request in flight has been failed).
+        `EngineStalledError`: it has work but has been inside one turn for longer than the bound.
+        """
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineStoppedError(f"the engine loop is not running: {self._dead or 'its thread exited'}")
+        stalled = time.monotonic() - self._turn_ended
+        if self._busy and stalled > stall_timeout_s:
+            raise EngineStalledError(
+                f"the engine loop has had work but finished no step for {stalled:.1f} s (bound {stall_timeout_s} s)"
+            )
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still in flight end with `EngineStoppedError`."""
         self._stopping.set()
@@ -152,7 +170,8 @@ class Engine:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self._core.has_work())
                 outputs: list[RequestOutput] = []
-                if self._core.has_work():
+                self._busy = self._core.has_work()
+                if self._busy:
                     try:
                         # Running on until a command is queued: an arrival is seen at the next preemption point.
                         outputs = self._core.step(interrupted=self._commands_waiting)
@@ -162,8 +181,13 @@ class Engine:
                 # The snapshot first: a caller that has seen an output then sees stats at least as new.
                 self._stats = self._core.stats()
                 self._publish(outputs)
+                self._turn_ended = time.monotonic()
+        except BaseException as exc:
+            self._dead = f"the engine loop died: {type(exc).__name__}: {exc}"
+            logger.exception("the engine loop died")
+            raise
         finally:
-            self._dead = "the engine was shut down"
+            self._dead = self._dead or "the engine was shut down"
             for sub in self._subscribers.values():
                 sub.put(EngineStoppedError(self._dead))
             self._subscribers.clear()

@@ -30,38 +30,7 @@ from qllm_core.request import (
 )
 from qllm_core.sampler import Sampler
 from qllm_core.scheduler import POLICIES, BatchPlan, PassInfo, SchedulerView
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    """One class's load."""
-
-    waiting: int
-    """Queued for a prefill."""
-    ready: int
-    """Queued for a decode step."""
-    running: int
-    """Inside a forward pass (active or suspended)."""
-    recent_ttft_s: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load, as `Engine.stats()` returns it."""
-
-    classes: dict[str, ClassStats]
-    kv_used_blocks: int
-    kv_total_blocks: int
-    active_pass: str | None
-    suspended_passes: int
-    passes_completed: int
-    preemptions: int
-    merges: int
-
-    @property
-    def kv_usage(self) -> float:
-        """Fraction of KV blocks in use."""
-        return self.kv_used_blocks / self.kv_total_blocks
+from qllm_core.stats import ClassStats, EngineStats
 
 
 @dataclass
@@ -89,11 +58,8 @@ class EngineCore:
         self.config = config
         self.loaded = loaded if loaded is not None else load_model(config)
         self.model = self.loaded.staged
-        adapter = self.model.adapter
-        self.kv = KVCache(
-            num_layers=self.model.num_layers,
-            num_kv_heads=adapter.num_kv_heads,
-            head_dim=adapter.head_dim,
+        self.kv = KVCache.for_layout(
+            self.model.kv_layout(),
             num_blocks=config.kv_cache_tokens // config.block_size,
             block_size=config.block_size,
             dtype=self.loaded.dtype,

@@ -32,5 +32,9 @@ class EngineStoppedError(QllmError, RuntimeError):
     """The engine was shut down, or its step loop died; nothing new is accepted."""
 
 
+class EngineStalledError(QllmError, RuntimeError):
+    """The engine's step loop has work but has not finished a step for longer than the health bound."""
+
+
 class RequestFailedError(QllmError, RuntimeError):
     """The engine could not finish a request (an internal failure while running its batch)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qllm_core.cache import KVLayout
 from qllm_core.models.adapter import MoEAdapter, MoEParts
 from qllm_core.models.attention import AttentionBatch
 
@@ -158,6 +159,11 @@ class StagedModel:
     def num_layers(self) -> int:
         """Decoder layers."""
         return len(self.layers)
+
+    def kv_layout(self) -> KVLayout:
+        """The shape of one token's KV in every layer, for the engine's KV pool."""
+        a = self.adapter
+        return KVLayout(self.num_layers, a.num_kv_heads, a.head_dim, a.head_dim)
 
     def has_shared_expert(self, layer: int) -> bool:
         """True when the layer has a shared expert stage."""
