@@ -46,7 +46,25 @@ _HOMES = {
     "SamplingParams": "request",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "ConfigError",
+    "DuplicateRequestError",
+    "Engine",
+    "EngineConfig",
+    "EngineCore",
+    "EngineStalledError",
+    "EngineStats",
+    "EngineStoppedError",
+    "FinishReason",
+    "Granularity",
+    "InvalidRequestError",
+    "PriorityClass",
+    "PromptTooLongError",
+    "QllmError",
+    "RequestFailedError",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 
 def __getattr__(name: str) -> Any:
