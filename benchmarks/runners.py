@@ -240,7 +240,7 @@ class EngineRunner(Runner):
         else:
             outputs = self._engine.generate(prompt=spec.prompt_text, params=params, priority=spec.priority)
         async for out in outputs:
-            yield StreamEvent(len(out.token_ids), out.prompt_token_count)
+            yield StreamEvent(out.num_output_tokens, out.prompt_token_count)
 
 
 @dataclass(frozen=True)

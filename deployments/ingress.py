@@ -64,7 +64,7 @@ def _finish(item: dict[str, Any]) -> str | None:
 
 
 def _usage(item: dict[str, Any]) -> dict[str, int]:
-    completion = len(item["token_ids"])
+    completion = item["num_output_tokens"]
     return {
         "prompt_tokens": item["prompt_tokens"],
         "completion_tokens": completion,

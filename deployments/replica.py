@@ -51,18 +51,16 @@ class EngineReplica:
         self._ensure_reporter()
         try:
             stream = self._engine.generate(**self._engine_args(request))
-            previous = ""
             async for out in stream:
                 yield {
-                    "delta": out.text[len(previous) :],
-                    "token_ids": list(out.token_ids),
+                    "delta": out.text_delta,
+                    "num_output_tokens": out.num_output_tokens,
                     "prompt_tokens": out.prompt_token_count,
                     "finished": out.finished,
                     "finish_reason": None if out.finish_reason is None else out.finish_reason.value,
                     "ttft_s": out.ttft_s,
                     "replica_id": self._replica_id,
                 }
-                previous = out.text
         except PromptTooLongError as exc:
             yield error_item(413, exc.message, exc.param)
         except InvalidRequestError as exc:

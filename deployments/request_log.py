@@ -61,7 +61,7 @@ class RequestLog:
         if item is not None:
             fields["finish_reason"] = item.get("finish_reason")
             fields["prompt_tokens"] = item.get("prompt_tokens")
-            fields["completion_tokens"] = len(item.get("token_ids", ()))
+            fields["completion_tokens"] = item.get("num_output_tokens")
         if error is not None:
             fields["error"] = error
         if self.prompt is not None:

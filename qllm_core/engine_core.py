@@ -30,7 +30,7 @@ from qllm_core.request import (
 )
 from qllm_core.sampler import Sampler
 from qllm_core.scheduler import POLICIES, BatchPlan, PassInfo, SchedulerView
-from qllm_core.stats import ClassStats, EngineStats
+from qllm_core.stats import ClassStats, EngineStats, TtftSample
 
 
 @dataclass
@@ -42,7 +42,7 @@ class _Counters:
     """Requests added or aborted from outside: what can change a policy's mind in the middle of a pass."""
     declined: tuple[int, int] | None = None
     """(pass id, submissions) when the policy last declined to preempt that pass."""
-    recent_ttft: dict[PriorityClass, deque[float]] = field(default_factory=dict)
+    recent_ttft: dict[PriorityClass, deque[TtftSample]] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -327,7 +327,7 @@ class EngineCore:
             request.times.first_token = now
             ttft = now - request.arrival
             self.metrics.ttft.labels(cls.label).observe(ttft)
-            self._counters.recent_ttft[cls].append(ttft)
+            self._counters.recent_ttft[cls].append(TtftSample(now, ttft))
         params = request.params
         text = self.detokenizer.text(request.request_id, request.output_token_ids)
         stop_hit = _stop_index(text, params.stop) >= 0
@@ -339,28 +339,41 @@ class EngineCore:
         if reason is not None:
             final = self.detokenizer.full(request.output_token_ids)
             cut = _stop_index(final, params.stop)
-            return self._finish(request, reason, now, text=final if cut < 0 else final[:cut])
+            return self._finish(request, reason, now, text=final if cut < 0 else final[:cut], new=(token,))
         self._move(request, RequestState.READY)
-        text = _streamable(text, params.stop)
-        self._emitted_text[request.request_id] = text
-        return self._output(request, text)
+        shown = _streamable(text, params.stop)
+        emitted = self._emitted_text.get(request.request_id, "")
+        self._emitted_text[request.request_id] = shown
+        return self._output(request, (token,), shown[len(emitted) :])
 
-    def _output(self, request: Request, text: str, error: str | None = None) -> RequestOutput:
+    def _output(
+        self, request: Request, new: tuple[int, ...], delta: str, final_text: str | None = None, error: str | None = None
+    ) -> RequestOutput:
+        finished = final_text is not None
         return RequestOutput(
             request_id=request.request_id,
             priority=request.priority,
             prompt_token_count=len(request.prompt_token_ids),
-            token_ids=tuple(request.output_token_ids),
-            text=text,
-            finished=request.finished,
+            new_token_ids=new,
+            num_output_tokens=len(request.output_token_ids),
+            text_delta=delta,
+            finished=finished,
             finish_reason=request.finish_reason,
             error=error,
             ttft_s=request.times.ttft,
             preemptions=request.preemptions,
+            token_ids=tuple(request.output_token_ids) if finished else (),
+            text=final_text or "",
         )
 
     def _finish(
-        self, request: Request, reason: FinishReason, now: float, text: str | None = None, error: str | None = None
+        self,
+        request: Request,
+        reason: FinishReason,
+        now: float,
+        text: str | None = None,
+        error: str | None = None,
+        new: tuple[int, ...] = (),
     ) -> RequestOutput:
         rid = request.request_id
         request.finish_reason = reason
@@ -374,13 +387,15 @@ class EngineCore:
         self._in_state[(request.priority, RequestState.FINISHED)] -= 1
         emitted = self._emitted_text.pop(rid, "")
         text = emitted if text is None else text
+        # The held-back tail (a stop string's start, half a character) is what the final text adds.
+        delta = text[len(emitted) :] if text.startswith(emitted) else ""
         cls = request.priority.label
         self.metrics.requests.labels(cls, reason.value).inc()
         self.metrics.e2e.labels(cls).observe(now - request.arrival)
         n = len(request.output_token_ids)
         if n > 1 and request.times.first_token is not None:
             self.metrics.tpot.labels(cls).observe((request.times.tokens[-1] - request.times.first_token) / (n - 1))
-        return self._output(request, text, error)
+        return self._output(request, new, delta, final_text=text, error=error)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after an internal failure); the engine stays usable."""
@@ -509,7 +524,7 @@ class EngineCore:
                     waiting=counts[(c, RequestState.WAITING)],
                     ready=counts[(c, RequestState.READY)],
                     running=counts[(c, RequestState.RUNNING)],
-                    recent_ttft_s=tuple(self._counters.recent_ttft[c]),
+                    recent_ttft=tuple(self._counters.recent_ttft[c]),
                 )
                 for c in PriorityClass
             },

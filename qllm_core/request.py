@@ -219,15 +219,28 @@ class Request:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What a caller sees after each step: the cumulative output so far."""
+    """What a caller sees after each step: what is new since this request's previous output.
+
+    Only the new tokens and text travel each step: a cumulative copy would make a long answer quadratic.
+    The finished output also carries the whole output (`token_ids`, `text`), built once.
+    """
 
     request_id: str
     priority: PriorityClass
     prompt_token_count: int
-    token_ids: tuple[int, ...]
-    text: str
+    new_token_ids: tuple[int, ...]
+    """Tokens generated since the previous output."""
+    num_output_tokens: int
+    """Tokens generated so far."""
+    text_delta: str
+    """Text since the previous output. It never ends in half a UTF-8 character or in what may be the start
+    of a stop string (both wait for the next token), so the deltas of a request add up to its final text."""
     finished: bool
     finish_reason: FinishReason | None = None
     error: str | None = None
     ttft_s: float | None = None
     preemptions: int = 0
+    token_ids: tuple[int, ...] = ()
+    """The whole output, on the finished output only (empty before)."""
+    text: str = ""
+    """The whole text, on the finished output only (empty before)."""

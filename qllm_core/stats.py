@@ -7,6 +7,15 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class TtftSample:
+    """One request's time to first token, and when it was observed."""
+
+    observed_at: float
+    """`time.monotonic()` of the engine's process when the first token came (compare only within it)."""
+    ttft_s: float
+
+
+@dataclass(frozen=True)
 class ClassStats:
     """One class's load."""
 
@@ -16,8 +25,13 @@ class ClassStats:
     """Queued for a decode step."""
     running: int
     """Inside a forward pass (active or suspended)."""
-    recent_ttft_s: tuple[float, ...]
+    recent_ttft: tuple[TtftSample, ...]
     """The latest TTFTs of this class, oldest first (at most `EngineConfig.ttft_window`)."""
+
+    @property
+    def recent_ttft_s(self) -> tuple[float, ...]:
+        """The latest TTFTs alone, oldest first."""
+        return tuple(s.ttft_s for s in self.recent_ttft)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def _chunk(model: str, rid: str, text: str, out: RequestOutput) -> str:
     choice = {"index": 0, "text": text, "finish_reason": out.finish_reason.value if out.finish_reason else None}
     body: dict[str, Any] = {"id": rid, "object": "text_completion", "model": model, "choices": [choice]}
     if out.finished:
-        body["usage"] = {"prompt_tokens": out.prompt_token_count, "completion_tokens": len(out.token_ids)}
+        body["usage"] = {"prompt_tokens": out.prompt_token_count, "completion_tokens": out.num_output_tokens}
     return f"data: {json.dumps(body)}\n\n"
 
 
@@ -73,10 +73,8 @@ def make_app(engine: Engine, seen: Seen) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             out = first
-            sent = ""
             while True:
-                yield _chunk(body["model"], rid, out.text[len(sent) :], out)
-                sent = out.text
+                yield _chunk(body["model"], rid, out.text_delta, out)
                 if out.finished:
                     break
                 out = await anext(outputs)

@@ -41,14 +41,17 @@ async def wait_for(predicate: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_streams_cumulative_outputs_until_finished(engine: Engine) -> None:
+async def test_streams_each_new_token_and_the_whole_output_at_the_end(engine: Engine) -> None:
     outs = await collect(
         engine.generate(prompt="hello", params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     )
-    assert [len(o.token_ids) for o in outs] == list(range(1, 9))
-    assert all(not o.finished for o in outs[:-1]) and outs[-1].finished
+    assert [o.num_output_tokens for o in outs] == list(range(1, 9))
+    assert all(len(o.new_token_ids) == 1 for o in outs)
+    assert all(not o.finished and not o.token_ids for o in outs[:-1]) and outs[-1].finished
     assert outs[-1].finish_reason is FinishReason.LENGTH
+    assert outs[-1].token_ids == tuple(t for o in outs for t in o.new_token_ids)
     assert outs[-1].text == engine.tokenizer.decode(list(outs[-1].token_ids), skip_special_tokens=True)
+    assert "".join(o.text_delta for o in outs) == outs[-1].text
     assert outs[-1].ttft_s is not None and outs[-1].ttft_s > 0
 
 
@@ -73,7 +76,7 @@ async def test_stop_strings_cut_the_text_and_finish_with_stop(engine: Engine) ->
     )
     assert outs[-1].finish_reason is FinishReason.STOP
     assert stop not in outs[-1].text and text.startswith(outs[-1].text)
-    assert all(stop not in o.text for o in outs)
+    assert "".join(o.text_delta for o in outs) == outs[-1].text
 
 
 async def test_many_concurrent_callers_of_both_classes(engine: Engine) -> None:

@@ -88,7 +88,7 @@ def _first_token_order(policy: str, granularity: str) -> list[str]:
     order: list[str] = []
     while outputs or core.has_work():
         for out in outputs:
-            if len(out.token_ids) == 1:
+            if out.num_output_tokens == 1:
                 order.append(out.request_id)
         outputs = core.step()
     return order
