@@ -271,7 +271,7 @@ def main() -> None:
         "model": args.model,
         "device": args.device,
         "dtype": args.dtype,
-        "expert_units_per_layer": EngineConfig.expert_units_per_layer,
+        "expert_spans_per_layer": EngineConfig.expert_spans_per_layer,
         "rounds": args.rounds,
         "trials": args.trials,
     }

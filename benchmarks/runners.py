@@ -212,7 +212,7 @@ class EngineRunner(Runner):
 
     def __init__(self, config: EngineConfig, label: str | None = None) -> None:
         self.config = config
-        self.label = label if label is not None else f"{config.policy}:{config.granularity}"
+        self.label = label if label is not None else f"{config.policy}:{config.granularity.value}"
         self._engine: Engine | None = None
 
     async def start(self) -> None:

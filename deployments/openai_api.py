@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qllm_core.request import MAX_STOP_SEQUENCES
+from qllm_core.params import MAX_STOP_SEQUENCES
 
 _STATUS_TYPES = {
     400: "invalid_request_error",

@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qllm_core.config import EngineConfig, Granularity
+    from qllm_core.config import EngineConfig
     from qllm_core.engine import Engine
     from qllm_core.engine_core import EngineCore
     from qllm_core.errors import (
@@ -23,7 +23,10 @@ if TYPE_CHECKING:
         QllmError,
         RequestFailedError,
     )
-    from qllm_core.request import FinishReason, PriorityClass, RequestOutput, SamplingParams
+    from qllm_core.outputs import RequestOutput
+    from qllm_core.params import SamplingParams
+    from qllm_core.request import FinishReason, PriorityClass
+    from qllm_core.scheduler.base import Granularity
     from qllm_core.stats import EngineStats
 
 _HOMES = {
@@ -36,14 +39,14 @@ _HOMES = {
     "EngineStalledError": "errors",
     "EngineStoppedError": "errors",
     "FinishReason": "request",
-    "Granularity": "config",
+    "Granularity": "scheduler.base",
     "InvalidRequestError": "errors",
     "PriorityClass": "request",
     "PromptTooLongError": "errors",
     "QllmError": "errors",
     "RequestFailedError": "errors",
-    "RequestOutput": "request",
-    "SamplingParams": "request",
+    "RequestOutput": "outputs",
+    "SamplingParams": "params",
 }
 
 __all__ = [

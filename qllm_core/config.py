@@ -8,7 +8,6 @@ size in blocks) live on the objects that discover them, never on the config.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,30 +15,14 @@ from typing import Any
 
 from qllm_core.errors import ConfigError
 from qllm_core.request import PriorityClass
+from qllm_core.scheduler import POLICIES
+from qllm_core.scheduler.base import Granularity, SchedulerConfig
 
-
-class Granularity(enum.Enum):
-    """Where a running forward pass may be paused for more urgent work."""
-
-    ITERATION = "iteration"  # only between forward passes (TGI / vLLM behaviour)
-    LAYER = "layer"  # after any decoder layer
-    EXPERT = "expert"  # after any stage inside a layer, down to one expert of an MoE layer
+__all__ = ["BUILTIN_MODELS", "DTYPES", "EngineConfig", "Granularity", "SchedulerConfig"]
 
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 BUILTIN_MODELS = ("tiny", "bench")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The part of the settings a scheduling policy sees (built by `EngineConfig.scheduler_config`)."""
-
-    policy: str
-    granularity: Granularity
-    max_batch_size: int
-    max_batched_tokens: int
-    be_max_wait_s: float
-    merge_ls_into_be: bool
 
 
 @dataclass(frozen=True)
@@ -53,16 +36,18 @@ class EngineConfig:
     device: str = "auto"
     """"cpu", "cuda", "cuda:N" or "auto" (CUDA when present)."""
     policy: str = "qllm"
-    """Scheduling policy: "fcfs", "priority" or "qllm"."""
-    granularity: str = "layer"
-    """Preemption points: "iteration", "layer" or "expert"."""
-    expert_units_per_layer: int = 8
+    """Scheduling policy: "fcfs", "priority", "chunked" or "qllm"."""
+    granularity: Granularity = Granularity.LAYER
+    """Preemption points: "iteration", "layer" or "expert" (a string from YAML becomes the enum)."""
+    expert_spans_per_layer: int = 8
     """At expert granularity, the most steps (and so preemption points) a layer's routed experts take: one
-    expert per step when no more are hit, else spans of consecutive experts with about equal tokens."""
+    expert per span when no more are hit, else spans of consecutive experts with about equal tokens."""
     max_batch_size: int = 32
     """Most sequences in one forward pass."""
     max_batched_tokens: int = 4096
     """Most new tokens in one forward pass (a single prompt longer than this still runs, alone)."""
+    chunk_tokens: int = 512
+    """Token budget of one pass under the `chunked` policy: prompts are split to fit it."""
     kv_cache_tokens: int = 65536
     """KV cache capacity in tokens, summed over all requests."""
     block_size: int = 16
@@ -85,17 +70,19 @@ class EngineConfig:
             raise ConfigError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-        # Late import: the scheduler package imports this module for SchedulerConfig.
-        from qllm_core.scheduler import POLICIES  # noqa: PLC0415
-
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} is unknown; use one of {', '.join(sorted(POLICIES))}")
-        if self.granularity not in {g.value for g in Granularity}:
-            raise ConfigError(f"granularity={self.granularity!r} is unknown; use 'iteration', 'layer' or 'expert'")
+        if not isinstance(self.granularity, Granularity):
+            try:
+                object.__setattr__(self, "granularity", Granularity(self.granularity))
+            except ValueError:
+                names = ", ".join(repr(g.value) for g in Granularity)
+                raise ConfigError(f"granularity={self.granularity!r} is unknown; use one of {names}") from None
         for name in (
-            "expert_units_per_layer",
+            "expert_spans_per_layer",
             "max_batch_size",
             "max_batched_tokens",
+            "chunk_tokens",
             "kv_cache_tokens",
             "block_size",
             "ttft_window",
@@ -124,20 +111,16 @@ class EngineConfig:
             raise ConfigError(f"unknown engine setting(s) {unknown}; known settings: {sorted(known)}")
         return cls(**values)
 
-    @property
-    def granularity_level(self) -> Granularity:
-        """The granularity as an enum."""
-        return Granularity(self.granularity)
-
     def scheduler_config(self) -> SchedulerConfig:
         """The settings a scheduling policy needs."""
         return SchedulerConfig(
             policy=self.policy,
-            granularity=self.granularity_level,
+            granularity=self.granularity,
             max_batch_size=self.max_batch_size,
             max_batched_tokens=self.max_batched_tokens,
             be_max_wait_s=float(self.be_max_wait_s),
             merge_ls_into_be=self.merge_ls_into_be,
+            chunk_tokens=self.chunk_tokens,
         )
 
 

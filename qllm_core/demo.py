@@ -8,7 +8,8 @@ import time
 
 from qllm_core.config import EngineConfig
 from qllm_core.engine import Engine
-from qllm_core.request import RequestOutput, SamplingParams
+from qllm_core.outputs import RequestOutput
+from qllm_core.params import SamplingParams
 
 
 async def _run(engine: Engine, requests: int, max_tokens: int) -> list[tuple[str, RequestOutput, float]]:

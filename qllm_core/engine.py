@@ -25,7 +25,9 @@ from qllm_core.engine_core import EngineCore
 from qllm_core.errors import EngineStalledError, EngineStoppedError, InvalidRequestError, RequestFailedError
 from qllm_core.metrics import EngineMetrics
 from qllm_core.models.registry import LoadedModel
-from qllm_core.request import PriorityClass, RequestOutput, SamplingParams
+from qllm_core.outputs import RequestOutput
+from qllm_core.params import SamplingParams
+from qllm_core.request import PriorityClass
 from qllm_core.stats import EngineStats
 
 logger = logging.getLogger(__name__)

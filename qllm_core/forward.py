@@ -2,23 +2,25 @@
 
 The pass keeps everything it needs to stop anywhere and resume with nothing recomputed: the flat
 hidden states, RoPE tables, attention metadata, and inside an MoE layer the residual, routing and the
-partial expert output. Its cursor is an explicit state machine over `Stage`.
+partial expert output. Its cursor is an explicit state machine over `Stage`. It also keeps its own
+history as the scheduler sees it: how long its requests queued before it started, how long it has been
+suspended, how long it has run.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
 
 from qllm_core.cache import KVCache
-from qllm_core.config import Granularity
 from qllm_core.models.attention import AttentionBatch, SeqSlice
 from qllm_core.models.staged import LayerWork, StagedModel
 from qllm_core.request import PriorityClass, Request
+from qllm_core.scheduler.base import Granularity, PassInfo
 from qllm_core.transfer import to_device
 
 
@@ -28,12 +30,16 @@ class Stage(enum.Enum):
     EMBED = "embed"
     ATTENTION = "attention"
     ROUTE = "route"
-    EXPERTS = "experts"  # all routed experts of a layer in one unit (layer and iteration granularity)
-    EXPERT = "expert"  # one routed expert (expert granularity)
+    ALL_EXPERTS = "all_experts"  # every routed expert of a layer in one unit (layer and iteration granularity)
+    EXPERT_SPAN = "expert_span"  # one span of routed experts (expert granularity)
     SHARED_EXPERT = "shared_expert"
     COMBINE = "combine"
     HEAD = "head"
     DONE = "done"
+
+
+BOUNDARY_STAGES = frozenset({Stage.EMBED, Stage.ATTENTION, Stage.HEAD})
+"""Between layers: where requests can join (merge) or leave (abort) a pass without losing work."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,33 @@ class PassEntry:
     request: Request
     start: int
     token_ids: tuple[int, ...]
+    samples: bool
+    """Its last position's logits choose its next token: False for a chunk short of its prompt's end."""
+    all_logits: bool = False
+    """Logits at every position it feeds (prompt log-probabilities)."""
 
 
-def _describe(entries: list[PassEntry]) -> tuple[frozenset[PriorityClass], bool]:
+def describe(entries: list[PassEntry]) -> tuple[frozenset[PriorityClass], bool]:
     """The classes in a batch, and whether an LS request in it is prefilling (its TTFT waits on the pass)."""
     classes = frozenset(e.request.priority for e in entries)
     ls_prefill = any(e.request.priority is PriorityClass.LATENCY_SENSITIVE and len(e.token_ids) > 1 for e in entries)
     return classes, ls_prefill
+
+
+def pass_info(
+    entries: list[PassEntry], num_layers: int, held_back_s: float, layer: int = 0, at_boundary: bool = True
+) -> PassInfo:
+    """What a policy is told about a pass over `entries` standing before `layer`."""
+    classes, ls_prefill = describe(entries)
+    return PassInfo(
+        classes=classes,
+        ls_prefill=ls_prefill,
+        held_back_s=held_back_s,
+        layer=layer,
+        at_layer_boundary=at_boundary,
+        num_tokens=sum(len(e.token_ids) for e in entries),
+        layers_left=num_layers - layer,
+    )
 
 
 class ForwardPass:
@@ -62,44 +88,53 @@ class ForwardPass:
         kv: KVCache,
         entries: list[PassEntry],
         granularity: Granularity,
-        expert_units: int,
+        expert_spans_per_layer: int,
+        queued_s: float,
     ) -> None:
-        """`expert_units`: at expert granularity, the most steps a layer's routed experts take."""
+        """`queued_s`: the longest time one of its requests waited before this pass started."""
         self.pass_id = pass_id
         self.entries = entries
         self.granularity = granularity
-        self.expert_units = expert_units
+        self.expert_spans_per_layer = expert_spans_per_layer
+        self.queued_s = queued_s
+        self.suspended_s = 0.0
+        """Time spent suspended, suspensions that ended so far."""
+        self.suspended_at: float | None = None
+        self.run_s = 0.0
+        """Time its steps took (kept by the engine, which owns the clock)."""
         self._model = model
         self._kv = kv
         self.layer = 0
         self.stage = Stage.EMBED
         self.hidden: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
+        self.logit_rows: list[slice | None] = []
+        """Per entry, its rows of `logits` (None when it wants none); set by the head."""
         self._work: LayerWork | None = None
         self.executed: Counter[tuple[int, Stage, int]] = Counter()
-        """How often each (layer, stage, expert) unit ran: every unit must run exactly once."""
-        self.suspended_s = 0.0
-        self.queued_s = 0.0
-        """Longest time one of its requests waited before this pass started (set by the engine)."""
+        """How often each (layer, stage, first expert) unit ran: every unit must run exactly once."""
         self._units: dict[Stage, Callable[[], None]] = {
             Stage.EMBED: self._embed,
             Stage.ATTENTION: self._attention,
             Stage.ROUTE: self._route,
-            Stage.EXPERTS: self._all_experts,
-            Stage.EXPERT: self._expert,
+            Stage.ALL_EXPERTS: self._all_experts,
+            Stage.EXPERT_SPAN: self._expert_span,
             Stage.SHARED_EXPERT: self._shared_expert,
             Stage.COMBINE: self._combine,
             Stage.HEAD: self._head,
         }
-        device = kv.device
-        ids = [t for e in entries for t in e.token_ids]
-        positions = [e.start + i for e in entries for i in range(len(e.token_ids))]
-        self._token_ids = to_device(ids, device)
-        self._positions = to_device(positions, device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = _describe(entries)
+        self._set_inputs()
 
+    def _set_inputs(self) -> None:
+        device = self._kv.device
+        entries = self.entries
+        self._token_ids = to_device([t for e in entries for t in e.token_ids], device)
+        self._positions = to_device([e.start + i for e in entries for i in range(len(e.token_ids))], device)
+        self._batch = self._attention_batch()
+        self.classes, self.ls_prefill = describe(entries)
+
+    # ---- what the scheduler sees ---------------------------------------------------------------------
     @property
     def done(self) -> bool:
         """True once the logits are ready."""
@@ -108,13 +143,37 @@ class ForwardPass:
     @property
     def at_layer_boundary(self) -> bool:
         """True between layers (before a layer's attention, or before the head)."""
-        return self.stage in (Stage.EMBED, Stage.ATTENTION, Stage.HEAD)
+        return self.stage in BOUNDARY_STAGES
 
     @property
     def num_tokens(self) -> int:
         """New tokens fed by the whole batch."""
         return len(self._token_ids)
 
+    def held_back_s(self, now: float) -> float:
+        """How long its requests have been held back: queued before it started, plus time suspended."""
+        current = 0.0 if self.suspended_at is None else now - self.suspended_at
+        return self.queued_s + self.suspended_s + current
+
+    def info(self, now: float) -> PassInfo:
+        """This pass as a policy sees it."""
+        return pass_info(
+            self.entries, self._model.num_layers, self.held_back_s(now), self.layer, self.at_layer_boundary
+        )
+
+    def suspend(self, now: float) -> None:
+        """Mark it suspended for more urgent work (it keeps every tensor and its KV)."""
+        self.suspended_at = now
+        for entry in self.entries:
+            entry.request.preemptions += 1
+
+    def resume(self, now: float) -> None:
+        """Mark it running again; the time suspended counts towards its aging."""
+        if self.suspended_at is not None:
+            self.suspended_s += now - self.suspended_at
+            self.suspended_at = None
+
+    # ---- running -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> int:
         """Run units until the next preemption point of this pass's granularity; returns the units run."""
@@ -134,7 +193,7 @@ class ForwardPass:
         return False
 
     def _run_unit(self) -> None:
-        expert = self._work.spans[0].first if self.stage is Stage.EXPERT and self._work else -1
+        expert = self._work.spans[0].first if self.stage is Stage.EXPERT_SPAN and self._work else -1
         self.executed[(self.layer, self.stage, expert)] += 1
         self._units[self.stage]()
 
@@ -151,9 +210,9 @@ class ForwardPass:
     def _route(self) -> None:
         assert self.hidden is not None  # noqa: S101
         per_span = self.granularity is Granularity.EXPERT
-        self._work = self._model.route(self.layer, self.hidden, self.expert_units if per_span else None)
+        self._work = self._model.route(self.layer, self.hidden, self.expert_spans_per_layer if per_span else None)
         if not per_span and self._work.top_k_index is not None:
-            self.stage = Stage.EXPERTS
+            self.stage = Stage.ALL_EXPERTS
             return
         self._after_routed_work()
 
@@ -162,7 +221,7 @@ class ForwardPass:
         self._model.all_experts(self.layer, self._work)
         self._after_routed_work()
 
-    def _expert(self) -> None:
+    def _expert_span(self) -> None:
         assert self._work is not None  # noqa: S101
         self._model.expert_span(self.layer, self._work)
         self._after_routed_work()
@@ -170,7 +229,7 @@ class ForwardPass:
     def _after_routed_work(self) -> None:
         assert self._work is not None  # noqa: S101
         if self._work.spans:
-            self.stage = Stage.EXPERT
+            self.stage = Stage.EXPERT_SPAN
         elif self._model.has_shared_expert(self.layer) and self._work.shared_out is None:
             self.stage = Stage.SHARED_EXPERT
         else:
@@ -189,14 +248,22 @@ class ForwardPass:
         self.stage = Stage.ATTENTION if self.layer < self._model.num_layers else Stage.HEAD
 
     def _head(self) -> None:
+        """Logits only where they are wanted: each sampling entry's last position, or every position of an
+        entry that asked for prompt log-probabilities; none for a chunk short of its prompt's end."""
         assert self.hidden is not None  # noqa: S101
-        ends = []
+        rows: list[int] = []
         offset = 0
         for e in self.entries:
-            offset += len(e.token_ids)
-            ends.append(offset - 1)
-        rows = to_device(ends, self.hidden.device)
-        self.logits = self._model.head(self.hidden, rows)
+            n = len(e.token_ids)
+            first = len(rows)
+            if e.all_logits:
+                rows.extend(range(offset, offset + n))
+            elif e.samples:
+                rows.append(offset + n - 1)
+            self.logit_rows.append(slice(first, len(rows)) if len(rows) > first else None)
+            offset += n
+        if rows:
+            self.logits = self._model.head(self.hidden, to_device(rows, self.hidden.device))
         self.hidden = None
         self.stage = Stage.DONE
 
@@ -215,6 +282,33 @@ class ForwardPass:
             offset += n
         return AttentionBatch.for_sequences(self._kv, tuple(seqs), torch.cat(writes))
 
+    # ---- changing the batch between layers -------------------------------------------------------------
+    def remove(self, request_ids: Collection[str]) -> list[PassEntry]:
+        """Take these requests out of the pass, at a layer boundary, with nothing lost for the others; returns
+        the entries removed. Their KV may be freed at once: the pass no longer reads or writes it."""
+        if not self.at_layer_boundary:
+            raise RuntimeError(f"requests can leave a pass only between layers, not at {self.stage.value}")
+        keep = [e for e in self.entries if e.request.request_id not in request_ids]
+        gone = [e for e in self.entries if e.request.request_id in request_ids]
+        if not gone:
+            return []
+        rows: list[int] = []
+        offset = 0
+        for e in self.entries:
+            if e.request.request_id not in request_ids:
+                rows.extend(range(offset, offset + len(e.token_ids)))
+            offset += len(e.token_ids)
+        self.entries = keep
+        if keep:
+            index = to_device(rows, self._kv.device)
+            if self.hidden is not None:
+                self.hidden = self.hidden.index_select(0, index)
+            if self._rope is not None:  # (cos, sin), each (1, tokens, dim)
+                cos, sin = self._rope
+                self._rope = (cos.index_select(1, index), sin.index_select(1, index))
+            self._set_inputs()
+        return gone
+
     def merge(self, other: ForwardPass) -> None:
         """Take `other`'s requests into this pass; both must stand before the same layer's attention.
 
@@ -230,9 +324,6 @@ class ForwardPass:
         self.entries = self.entries + other.entries
         self.hidden = torch.cat([self.hidden, other.hidden])
         self._rope = (torch.cat([self._rope[0], other._rope[0]], 1), torch.cat([self._rope[1], other._rope[1]], 1))
-        self._token_ids = torch.cat([self._token_ids, other._token_ids])
-        self._positions = torch.cat([self._positions, other._positions])
-        self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = _describe(self.entries)
+        self._set_inputs()
         other.stage = Stage.DONE
         other.entries = []

@@ -1,4 +1,4 @@
-"""Requests: priority classes, sampling parameters, the request state machine and its timestamps."""
+"""Requests as the engine tracks them: priority classes, the request state machine and its timestamps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field
 
 from qllm_core.errors import InvalidRequestError
-
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_LENGTH = 256
+from qllm_core.logprobs import TokenLogprob
+from qllm_core.params import SamplingParams
+from qllm_core.timeline import TimelineMarks
 
 
 class PriorityClass(enum.IntEnum):
@@ -51,70 +51,6 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     ABORT = "abort"  # aborted by the caller
     ERROR = "error"  # the engine failed while running it
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. temperature=0 is greedy and deterministic; a seed makes sampling repeatable."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 keeps every token."""
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        # Lists are accepted for convenience and frozen into tuples.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check_int("max_tokens", self.max_tokens, low=1)
-        _check_float("temperature", self.temperature, low=0.0, high=2.0)
-        _check_float("top_p", self.top_p, low=0.0, high=1.0)
-        if self.top_p <= 0.0:
-            raise InvalidRequestError("top_p must be in (0, 1]; use 1 to keep every token", param="top_p")
-        _check_int("top_k", self.top_k, low=0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, low=0, high=2**63 - 1)
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError("stop must be a list of non-empty strings", param="stop")
-        if len(self.stop) > MAX_STOP_SEQUENCES:
-            raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop strings are allowed", param="stop")
-        if any(len(s) > MAX_STOP_LENGTH for s in self.stop):
-            raise InvalidRequestError(f"a stop string may have at most {MAX_STOP_LENGTH} characters", param="stop")
-        if not isinstance(self.stop_token_ids, tuple):
-            raise InvalidRequestError("stop_token_ids must be a list of token ids", param="stop_token_ids")
-        for tid in self.stop_token_ids:
-            _check_int("stop_token_ids", tid, low=0)
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError("ignore_eos must be true or false", param="ignore_eos")
-
-    @property
-    def greedy(self) -> bool:
-        """True when the most likely token is always taken."""
-        return self.temperature == 0.0 or self.top_k == 1
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise InvalidRequestError(f"{name} must be {bound}, got {value}", param=name)
-
-
-def _check_float(name: str, value: object, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}", param=name)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}", param=name)
 
 
 class RequestState(enum.Enum):
@@ -175,10 +111,17 @@ class Request:
     """Times a pass holding this request was suspended for more urgent work."""
     evictions: int = 0
     """Times its KV was dropped under memory pressure (to be recomputed)."""
+    abort_requested: bool = False
+    """The caller aborted it while it was inside a pass; it ends when it leaves that pass."""
     times: RequestTimes = field(init=False)
+    marks: TimelineMarks = field(init=False)
+    """What its `Timeline` is built from."""
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """Prompt log-probabilities gathered chunk by chunk (with `SamplingParams.prompt_logprobs`)."""
 
     def __post_init__(self) -> None:
         self.times = RequestTimes(arrival=self.arrival)
+        self.marks = TimelineMarks()
 
     def move_to(self, new: RequestState) -> None:
         """Change state along an allowed edge of the state machine."""
@@ -186,10 +129,13 @@ class Request:
             raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.value} -> {new.value}")
         self.state = new
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt followed by the output so far."""
-        return self.prompt_token_ids + self.output_token_ids
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) of the prompt followed by the output so far (no copy of the whole)."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return tuple(prompt[start:end])
+        n = len(prompt)
+        return (*prompt[start:], *self.output_token_ids[max(0, start - n) : end - n])
 
     @property
     def num_tokens(self) -> int:
@@ -197,9 +143,19 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_uncached_tokens(self) -> int:
+        """Tokens to feed before its next token can be sampled."""
+        return self.num_tokens - self.num_cached_tokens
+
+    @property
     def needs_prefill(self) -> bool:
-        """True when more than one token must be fed (a first prefill, or a recompute)."""
-        return self.num_tokens - self.num_cached_tokens > 1
+        """True when more than one token must be fed (a first prefill, the rest of a chunked one, or a recompute)."""
+        return self.num_uncached_tokens > 1
+
+    @property
+    def queue_state(self) -> RequestState:
+        """Where it waits when no pass holds it: READY with only its last token to feed, else WAITING."""
+        return RequestState.WAITING if self.needs_prefill else RequestState.READY
 
     @property
     def deadline_at(self) -> float:
@@ -215,32 +171,3 @@ class Request:
     def finished(self) -> bool:
         """True once it has finished for any reason."""
         return self.state is RequestState.FINISHED
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What a caller sees after each step: what is new since this request's previous output.
-
-    Only the new tokens and text travel each step: a cumulative copy would make a long answer quadratic.
-    The finished output also carries the whole output (`token_ids`, `text`), built once.
-    """
-
-    request_id: str
-    priority: PriorityClass
-    prompt_token_count: int
-    new_token_ids: tuple[int, ...]
-    """Tokens generated since the previous output."""
-    num_output_tokens: int
-    """Tokens generated so far."""
-    text_delta: str
-    """Text since the previous output. It never ends in half a UTF-8 character or in what may be the start
-    of a stop string (both wait for the next token), so the deltas of a request add up to its final text."""
-    finished: bool
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-    ttft_s: float | None = None
-    preemptions: int = 0
-    token_ids: tuple[int, ...] = ()
-    """The whole output, on the finished output only (empty before)."""
-    text: str = ""
-    """The whole text, on the finished output only (empty before)."""

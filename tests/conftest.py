@@ -21,7 +21,7 @@ from transformers import (
 
 from qllm_core.engine_core import EngineCore
 from qllm_core.models.builtin import build_tokenizer
-from qllm_core.request import RequestOutput
+from qllm_core.outputs import RequestOutput
 
 DEVICE = os.environ.get("QLLM_TEST_DEVICE", "cpu")
 """Where the engine tests run: CPU by default (CI); `QLLM_TEST_DEVICE=cuda` runs them on a GPU."""

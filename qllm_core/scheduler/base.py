@@ -8,20 +8,53 @@ tensors, so they are tested on the CPU with views built by hand.
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from qllm_core.config import SchedulerConfig
 from qllm_core.request import PriorityClass, Request
+
+
+class Granularity(enum.Enum):
+    """Where a running forward pass may be paused for more urgent work."""
+
+    ITERATION = "iteration"  # only between forward passes (TGI / vLLM behaviour)
+    LAYER = "layer"  # after any decoder layer
+    EXPERT = "expert"  # after any stage inside a layer, down to one expert span of an MoE layer
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The part of the settings a scheduling policy sees (built by `EngineConfig.scheduler_config`)."""
+
+    policy: str
+    granularity: Granularity
+    max_batch_size: int
+    max_batched_tokens: int
+    be_max_wait_s: float
+    merge_ls_into_be: bool
+    chunk_tokens: int = 512
+    """Token budget of one pass for the policies that split prompts into chunks (`chunked`)."""
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """The requests of a new forward pass, in batch order."""
+    """The requests of a new forward pass, in batch order, and how many new tokens each one feeds.
+
+    A request feeds all its uncached tokens, or, when a policy splits its prompt, the next `num_tokens` of
+    them: its KV so far is kept, and its next token is sampled only once the whole prompt is in.
+    """
 
     request_ids: tuple[str, ...]
+    num_tokens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.request_ids) != len(self.num_tokens) or not self.request_ids:
+            raise ValueError("a batch plan names at least one request and one token count per request")
+        if any(n < 1 for n in self.num_tokens):
+            raise ValueError(f"every planned request feeds at least one token, got {self.num_tokens}")
 
 
 @dataclass(frozen=True)
@@ -53,12 +86,12 @@ class SchedulerView:
 
     now: float
     waiting: dict[PriorityClass, list[Request]]
-    """Requests that need a prefill, per class, in arrival order."""
+    """Requests that need a prefill (or the rest of one), per class, in arrival order."""
     ready: dict[PriorityClass, list[Request]]
     """Requests with cached KV waiting for their next decode step, per class, in arrival order."""
     free_blocks: int
-    block_cost: Callable[[Request], int]
-    """KV blocks a request still needs to run its next step."""
+    block_cost: Callable[[Request, int], int]
+    """KV blocks a request must still get to feed that many more tokens."""
     running: PassInfo | None
     suspended: PassInfo | None
 
@@ -70,10 +103,14 @@ class SchedulerView:
 class BatchBuilder:
     """Fills a batch under the size, token and KV limits; every policy builds batches through it."""
 
-    def __init__(self, config: SchedulerConfig, view: SchedulerView) -> None:
+    def __init__(self, config: SchedulerConfig, view: SchedulerView, token_budget: int | None = None) -> None:
+        """`token_budget`: the most new tokens of the pass (default `max_batched_tokens`, which a lone prompt may
+        exceed); with `try_add_chunk`, a hard budget that prompts are split to fit."""
         self._config = config
         self._view = view
+        self._budget = config.max_batched_tokens if token_budget is None else token_budget
         self._ids: list[str] = []
+        self._counts: list[int] = []
         self._tokens = 0
         self._blocks = 0
 
@@ -85,28 +122,46 @@ class BatchBuilder:
         """True when no further sequence fits by count."""
         return len(self._ids) >= self._config.max_batch_size
 
+    @property
+    def tokens_left(self) -> int:
+        """What is left of the token budget."""
+        return max(0, self._budget - self._tokens)
+
     def try_add(self, request: Request) -> bool:
-        """Add a request if it fits every limit; a lone prompt may exceed the token limit."""
-        tokens = request.num_tokens - request.num_cached_tokens
-        blocks = self._view.block_cost(request)
+        """Add a request with all its uncached tokens if it fits every limit; a lone prompt may exceed the
+        token limit."""
+        tokens = request.num_uncached_tokens
+        if self._ids and self._tokens + tokens > self._budget:
+            return False
+        return self._add(request, tokens)
+
+    def try_add_chunk(self, request: Request) -> bool:
+        """Add a request with as many of its uncached tokens as the token budget has left (its whole prompt
+        when it fits: the rest waits for a later pass)."""
+        tokens = min(request.num_uncached_tokens, self.tokens_left)
+        return tokens > 0 and self._add(request, tokens)
+
+    def _add(self, request: Request, tokens: int) -> bool:
+        blocks = self._view.block_cost(request, tokens)
         if self.full or self._blocks + blocks > self._view.free_blocks:
             return False
-        if self._ids and self._tokens + tokens > self._config.max_batched_tokens:
-            return False
         self._ids.append(request.request_id)
+        self._counts.append(tokens)
         self._tokens += tokens
         self._blocks += blocks
         return True
 
-    def add_in_order(self, requests: Iterable[Request], skip_misfits: bool = False) -> None:
-        """Add requests in the given order; stop at the first misfit unless `skip_misfits`."""
+    def add_in_order(self, requests: Iterable[Request], skip_misfits: bool = False, chunks: bool = False) -> None:
+        """Add requests in the given order (split to the budget with `chunks`); stop at the first misfit
+        unless `skip_misfits`."""
+        add = self.try_add_chunk if chunks else self.try_add
         for request in requests:
-            if not self.try_add(request) and not skip_misfits:
+            if not add(request) and not skip_misfits:
                 return
 
     def plan(self) -> BatchPlan | None:
         """The batch, or None when it is empty."""
-        return BatchPlan(tuple(self._ids)) if self._ids else None
+        return BatchPlan(tuple(self._ids), tuple(self._counts)) if self._ids else None
 
 
 def urgency(request: Request) -> tuple[int, float, float]:

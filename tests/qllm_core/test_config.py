@@ -12,7 +12,7 @@ from qllm_core.config import Granularity
 
 def test_defaults_are_valid_and_frozen() -> None:
     config = EngineConfig()
-    assert config.model == "tiny" and config.policy == "qllm" and config.granularity_level is Granularity.LAYER
+    assert config.model == "tiny" and config.policy == "qllm" and config.granularity is Granularity.LAYER
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.policy = "fcfs"  # type: ignore[misc]
 

@@ -49,29 +49,6 @@ def test_burst_beyond_kv_capacity_is_served_completely() -> None:
     assert {k: v.token_ids for k, v in finals.items()} == {k: v.token_ids for k, v in expected.items()}  # type: ignore[attr-defined]
 
 
-def test_aborted_request_in_a_suspended_pass_dropped_for_memory_ends_with_an_output() -> None:
-    core = EngineCore(
-        EngineConfig(model="tiny", device=DEVICE, kv_cache_tokens=512, block_size=16, granularity="layer")
-    )
-    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    core.add_request("be", [5] * 300, greedy, "be")  # 19 of 32 blocks
-    core.step()
-    core.add_request("ls1", [6] * 20, greedy, "ls")
-    core.step()  # the BE pass is suspended for ls1
-    assert core.suspended and core.abort("be") is None  # inside a pass: ends when that pass ends
-    core.add_request("ls2", [7] * 250, greedy, "ls")  # needs 16 blocks; only the suspended pass can give them
-    ended = []
-    for _ in range(50):
-        ended += [o for o in core.step() if o.request_id == "be"]
-        core.audit()
-    assert [(o.finished, o.finish_reason) for o in ended] == [(True, FinishReason.ABORT)]
-    assert "be" not in core.requests
-    drain(core)
-    core.audit()
-    assert core.kv.used_blocks == 0
-    assert all(c.waiting == c.ready == c.running == 0 for c in core.stats().classes.values())
-
-
 def test_request_counts_stay_exact_through_preemption_eviction_and_aborts() -> None:
     core = EngineCore(
         EngineConfig(model="tiny", device=DEVICE, kv_cache_tokens=256, block_size=16, granularity="expert")

@@ -56,11 +56,11 @@ def test_layer_preempted_pass_resumes_at_the_same_layer() -> None:
 def test_expert_preempted_pass_resumes_at_the_next_expert() -> None:
     core = _core(granularity="expert", policy="qllm")
     core.add_request("be", LONG, GREEDY, "be")
-    while core.active is None or core.active.stage is not Stage.EXPERT or core.active.layer != 1:
+    while core.active is None or core.active.stage is not Stage.EXPERT_SPAN or core.active.layer != 1:
         core.step()
     core.step()  # one expert of layer 1 done, more to go
     be_pass = core.active
-    assert be_pass is not None and be_pass.stage is Stage.EXPERT
+    assert be_pass is not None and be_pass.stage is Stage.EXPERT_SPAN
     position = (be_pass.layer, be_pass.stage)
     executed_before = dict(be_pass.executed)
 
@@ -169,8 +169,8 @@ def test_a_pass_the_policy_could_never_preempt_runs_without_preemption_points() 
     assert prefill is not None and prefill.granularity is Granularity.EXPERT
     while core.active is not None:
         core.step()
-    assert any(stage is Stage.EXPERT for _, stage, _ in prefill.executed)
-    assert not any(stage is Stage.EXPERTS for _, stage, _ in prefill.executed)
+    assert any(stage is Stage.EXPERT_SPAN for _, stage, _ in prefill.executed)
+    assert not any(stage is Stage.ALL_EXPERTS for _, stage, _ in prefill.executed)
     # Each decode pass (one token) is no more than a decode iteration: qllm never preempts it, so it runs
     # in one step, its experts through the fused kernel.
     for _ in range(GREEDY.max_tokens - 1):

@@ -15,7 +15,7 @@ import torch
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.models.builtin import build_tokenizer
-from qllm_core.request import RequestOutput
+from qllm_core.outputs import RequestOutput
 from tests.conftest import DEVICE, FAMILIES, VOCAB, drain
 
 PROMPTS = [
@@ -72,7 +72,7 @@ def test_mixed_load_with_preemption_matches_transformers(
             device=DEVICE,
             policy="qllm",
             granularity=granularity,
-            expert_units_per_layer=units,
+            expert_spans_per_layer=units,
         )
     )
     prompts, finals = _mixed_load(core)
@@ -102,7 +102,7 @@ def test_default_tiny_model_float32_under_preemption(granularity: str, units: in
     experts) run through the same `grouped_mm`, span by span."""
     core = EngineCore(
         EngineConfig(
-            model="tiny", dtype="float32", device=DEVICE, granularity=granularity, expert_units_per_layer=units
+            model="tiny", dtype="float32", device=DEVICE, granularity=granularity, expert_spans_per_layer=units
         )
     )
     prompts, finals = _mixed_load(core)

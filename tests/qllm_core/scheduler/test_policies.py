@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from qllm_core.config import Granularity, SchedulerConfig
-from qllm_core.request import PriorityClass, Request, RequestState, SamplingParams
+from qllm_core.params import SamplingParams
+from qllm_core.request import PriorityClass, Request, RequestState
 from qllm_core.scheduler import POLICIES, BatchPlan, PassInfo, Policy, SchedulerView
 
 LS, BE = PriorityClass.LATENCY_SENSITIVE, PriorityClass.BEST_EFFORT
@@ -31,7 +32,7 @@ def view(
 ) -> SchedulerView:
     waiting = {c: [r for r in requests if r.priority is c and r.state is RequestState.WAITING] for c in PriorityClass}
     ready = {c: [r for r in requests if r.priority is c and r.state is RequestState.READY] for c in PriorityClass}
-    return SchedulerView(now, waiting, ready, free_blocks, lambda r: 1, running, suspended)
+    return SchedulerView(now, waiting, ready, free_blocks, lambda r, n: 1, running, suspended)
 
 
 def running_pass(
