@@ -6,6 +6,7 @@ from qllm_core import EngineConfig, SamplingParams
 from qllm_core.config import Granularity
 from qllm_core.engine_core import EngineCore
 from qllm_core.forward import ForwardPass, Stage
+from qllm_core.scheduler import BatchPlan
 from tests.conftest import DEVICE, drain
 
 LONG = [(i * 37) % 500 + 3 for i in range(600)]
@@ -178,3 +179,29 @@ def test_a_pass_the_policy_could_never_preempt_runs_without_preemption_points() 
         outs = core.step()
         assert core.active is None and core.stats().passes_completed == done + 1 and outs
     assert not core.has_work()
+
+
+def test_a_chunked_prompt_gives_the_greedy_output_of_the_whole_prompt() -> None:
+    chunked = _core(policy="chunked", chunk_tokens=64, granularity="iteration", dtype="float64")
+    whole = _core(policy="fcfs", granularity="iteration", dtype="float64")
+    prompts = {"long": LONG, "short": SHORT, "mid": LONG[:150]}
+    for core in (chunked, whole):
+        for rid, prompt in prompts.items():
+            core.add_request(rid, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), "be")
+    passes: list[int] = []
+    start = chunked.passes.start
+
+    def recording(plan: BatchPlan, *args: object) -> ForwardPass:
+        passes.append(sum(plan.num_tokens))
+        return start(plan, *args)  # type: ignore[arg-type]
+
+    chunked.passes.start = recording  # type: ignore[method-assign]
+    finals: dict[str, object] = {}
+    while chunked.has_work():
+        finals |= {o.request_id: o for o in chunked.step() if o.finished}
+        chunked.audit()
+    expected = drain(whole)
+    assert {k: v.token_ids for k, v in finals.items()} == {k: v.token_ids for k, v in expected.items()}  # type: ignore[attr-defined]
+    assert chunked.requests == {} and chunked.kv.used_blocks == 0
+    assert max(passes) <= 64, "no pass went over the token budget"
+    assert sum(passes) == len(LONG) + 150 + len(SHORT) + 3 * 7, "every prompt token fed once, then 7 decodes each"

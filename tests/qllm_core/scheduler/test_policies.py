@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from qllm_core.config import Granularity, SchedulerConfig
 from qllm_core.params import SamplingParams
 from qllm_core.request import PriorityClass, Request, RequestState
@@ -167,5 +169,34 @@ def test_batch_limits_and_kv_headroom_are_respected() -> None:
 
 
 def test_registry_names_match_classes() -> None:
-    assert sorted(POLICIES) == ["fcfs", "priority", "qllm"]
+    assert sorted(POLICIES) == ["chunked", "fcfs", "priority", "qllm"]
+
+
+CHUNKED = dataclasses.replace(CONFIG, policy="chunked", chunk_tokens=50)
+
+
+def chunked_plan(v: SchedulerView) -> list[tuple[str, int]]:
+    plan = POLICIES["chunked"](CHUNKED).next_batch(v)
+    return [] if plan is None else list(zip(plan.request_ids, plan.num_tokens, strict=True))
+
+
+def test_chunked_runs_decodes_first_then_prompts_by_priority_within_the_token_budget() -> None:
+    rs = [req("be", BE, 0.1, prompt=20), req("ls", LS, 0.2, prompt=20), req("bed", BE, 0.0, decoding=True)]
+    # The decode (one token), then the LS prompt (20), then as much of the BE prompt as the budget has left.
+    assert chunked_plan(view(rs)) == [("bed", 1), ("ls", 20), ("be", 20)]
+    rs.append(req("ls2", LS, 0.3, prompt=20))
+    assert chunked_plan(view(rs)) == [("bed", 1), ("ls", 20), ("ls2", 20), ("be", 9)]
+
+
+def test_chunked_splits_a_long_prompt_and_continues_it_before_new_prompts() -> None:
+    long = req("long", BE, 0.1, prompt=120)
+    assert chunked_plan(view([long])) == [("long", 50)], "a lone prompt is held to the budget too"
+    long.num_cached_tokens = 100  # two chunks in: what is left comes next, before a newer LS prompt
+    assert chunked_plan(view([long, req("ls", LS, 0.5, prompt=45)])) == [("long", 20), ("ls", 30)]
+
+
+def test_chunked_never_preempts_a_pass() -> None:
+    policy = POLICIES["chunked"](CHUNKED)
+    assert not policy.should_preempt(view([req("ls", LS, 0.5)], running=running_pass({BE})))
+    assert not policy.may_preempt(running_pass({BE}))
     assert all(cls.name == name for name, cls in POLICIES.items())
