@@ -50,7 +50,7 @@ class EngineCore:
         )
         self.policy = POLICIES[config.policy](config.scheduler_config())
         self.table = RequestTable(Limits(self.loaded.vocab_size, self.loaded.max_model_len), self.kv)
-        self.passes = PassStack(config, self.model, self.kv, self.table, self.metrics)
+        self.passes = PassStack(config, self.policy, self.model, self.kv, self.table, self.metrics)
         self.outputs = OutputProcessor(
             self.loaded, self.kv, self.table, self.metrics, config.ttft_window, lambda: self._busy_s
         )
@@ -65,6 +65,8 @@ class EngineCore:
         self._clock = clock
         self._busy_s = 0.0
         """Time spent advancing passes so far: the timelines' busy clock."""
+        self._last_run = (0.0, 0.0)
+        """When the latest advance started and ended: a request that arrived during it waited for part of it."""
         self._submissions = 0
         """Requests added or aborted from outside: what can change a policy's mind in the middle of a pass."""
         self._declined: tuple[int, int] | None = None
@@ -103,7 +105,9 @@ class EngineCore:
         """
         when = self._clock() if arrival is None else arrival
         request = self.table.admit(request_id, prompt_token_ids, params, priority, ttft_deadline_s, when)
-        request.marks.busy_at_arrival = self._busy_s
+        # Commands are taken between steps: the part of the latest one after its arrival is time it waited.
+        started, ended = self._last_run
+        request.marks.busy_at_arrival = self._busy_s - max(0.0, ended - max(when, started))
         self._submissions += 1
         self.metrics.prompt_tokens.labels(request.priority.label).inc(len(prompt_token_ids))
         return request
@@ -200,7 +204,7 @@ class EngineCore:
         return [self.outputs.finish(r, FinishReason.ABORT, now) for r in marked]
 
     def _start(self, plan: BatchPlan, now: float) -> None:
-        self.passes.start(plan, now, self.policy.may_preempt)
+        self.passes.start(plan, now)
         self._update_gauges()
 
     def _run(self, interrupted: Callable[[], bool] | None) -> list[RequestOutput]:
@@ -216,7 +220,9 @@ class EngineCore:
             and not interrupted()
         ):
             outputs += self._advance(active)
-        elapsed = self._clock() - started
+        ended = self._clock()
+        elapsed = ended - started
+        self._last_run = (started, ended)
         self._busy_s += elapsed
         (self.passes.active or active).run_s += elapsed
         return outputs

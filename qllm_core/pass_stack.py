@@ -7,7 +7,7 @@ queues (READY or WAITING, KV kept) when it is dropped, and the output processor 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from qllm_core.cache import KVCache
 from qllm_core.config import EngineConfig
@@ -16,16 +16,23 @@ from qllm_core.metrics import EngineMetrics
 from qllm_core.models.staged import StagedModel
 from qllm_core.request import Request, RequestState
 from qllm_core.request_table import RequestTable
-from qllm_core.scheduler.base import BatchPlan, Granularity, PassInfo
+from qllm_core.scheduler.base import BatchPlan, Granularity, Policy
 
 
 class PassStack:
     """The running pass and the suspended ones."""
 
     def __init__(
-        self, config: EngineConfig, model: StagedModel, kv: KVCache, table: RequestTable, metrics: EngineMetrics
+        self,
+        config: EngineConfig,
+        policy: Policy,
+        model: StagedModel,
+        kv: KVCache,
+        table: RequestTable,
+        metrics: EngineMetrics,
     ) -> None:
         self._config = config
+        self._policy = policy
         self._model = model
         self._kv = kv
         self._table = table
@@ -48,21 +55,25 @@ class PassStack:
         return next((p for p in self.passes() if any(e.request is request for e in p.entries)), None)
 
     # ---- start, suspend, resume ------------------------------------------------------------------------
-    def start(self, plan: BatchPlan, now: float, may_preempt: Callable[[PassInfo], bool]) -> ForwardPass:
+    def start(self, plan: BatchPlan, now: float) -> ForwardPass:
         """Make `plan` the running pass: its requests take the KV blocks they need and become RUNNING.
 
-        `may_preempt` (the policy's) is asked first: a pass it rules out runs without preemption points (at
-        expert granularity, its experts fused), unless it may yet be merged into a suspended pass, which
-        happens at layer boundaries.
+        The policy says first where it will stop (`Policy.points`: a pass it could never preempt runs without
+        preemption points, at expert granularity its experts fused); a pass that may be merged into the
+        suspended one stops at least at layer boundaries, where merging happens.
         """
         planned = zip(plan.request_ids, plan.num_tokens, strict=True)
         entries = [self._entry(self._table.by_id[rid], n) for rid, n in planned]
         queued = max(now - e.request.waiting_since for e in entries)
-        granularity = self._config.granularity
-        mergeable = self._config.merge_ls_into_be and bool(self.suspended)
-        with_points = granularity is not Granularity.ITERATION and not mergeable
-        if with_points and not may_preempt(pass_info(entries, self._model.num_layers, queued)):
-            granularity = Granularity.ITERATION
+        info = pass_info(entries, self._model.num_layers, queued)
+        granularity = self._policy.points(info)
+        if (
+            granularity is Granularity.ITERATION
+            and self._config.granularity is not Granularity.ITERATION
+            and self.suspended
+            and self._policy.should_merge(info, self.suspended[-1].info(now))
+        ):
+            granularity = Granularity.LAYER
         total = sum(len(e.token_ids) for e in entries)
         for e in entries:
             request = e.request
@@ -130,7 +141,7 @@ class PassStack:
     def maybe_merge(self, now: float) -> None:
         """With merging on, an LS pass joins a suspended pass once it reaches the layer where that one stopped."""
         active = self.active
-        if not (self._config.merge_ls_into_be and active is not None and self.suspended):
+        if active is None or not self.suspended:
             return
         target = self.suspended[-1]
         if (
@@ -139,6 +150,7 @@ class PassStack:
             and target.at_layer_boundary
             and not active.done
             and len(active.entries) + len(target.entries) <= self._config.max_batch_size
+            and self._policy.should_merge(active.info(now), target.info(now))
         ):
             moved = list(active.entries)
             try:

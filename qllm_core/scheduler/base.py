@@ -199,6 +199,17 @@ class Policy(ABC):
         """
         return type(self).should_preempt is not Policy.should_preempt
 
+    def points(self, info: PassInfo) -> Granularity:
+        """Where a pass about to start stops to ask `should_preempt`: the configured granularity, or none at all
+        (`Granularity.ITERATION`) when `may_preempt` rules preemption out."""
+        return self.config.granularity if self.may_preempt(info) else Granularity.ITERATION
+
+    def should_merge(self, active: PassInfo, suspended: PassInfo) -> bool:
+        """Let the running pass join the suspended one where it stopped, once it has reached that layer? Default:
+        whenever `merge_ls_into_be` is set. Asked as a pass starts over a suspended one (a yes keeps it
+        stopping at layer boundaries) and at each boundary where the two stand at the same layer."""
+        return self.config.merge_ls_into_be
+
     def should_resume(self, view: SchedulerView) -> bool:
         """With a pass suspended and no pass running: resume it (True) or start a new pass first (False)."""
         return True

@@ -1,24 +1,46 @@
-"""`qllm`: per-class prefill and decode queues with sub-iteration preemption for LS prefills.
+"""`qllm`: per-class queues with sub-iteration preemption, so an LS prompt waits for at most one layer (or
+one expert span) of other work, and LS decodes for at most one layer of a long BE pass.
 
-An LS prompt is what LS requests are judged by (TTFT), so a waiting LS prefill suspends the running
-pass at its next layer or expert boundary, unless that pass already carries an LS prefill. Batch
-selection follows the paper's Algorithm 1 in spirit, with two changes found by measuring: an LS
-prefill batch takes spare slots from BE *decodes* only (one BE prompt in it would add its whole
-prefill to the LS TTFT), and when only LS decodes are queued the batch is filled with any BE work,
-prompts included, since that pass can still be suspended for the next LS prompt; without that,
-steady LS decoding starves BE prefills. An aging bound (`be_max_wait_s`) guarantees BE progress:
-BE work that has waited that long goes into the next pass ahead of everything, and a pass held back that
-long is no longer preempted. The LS prompts still join that pass, so under overload an LS prompt waits
-for at most one pass carrying aged BE work, never for a queue of them.
+What a waiting LS prompt does to the running pass:
+- a pass without an LS prefill (BE work, decodes of either class) is suspended at its next preemption
+  point. When the LS pass reaches the layer where a cheap suspended pass stopped (no more tokens than a
+  decode batch, or than the LS pass itself), it merges into it and they finish together: a decode pass
+  costs the LS prompt nothing, and the decodes wait only for the LS prompt to catch up;
+- a pass with an LS prefill is suspended only when it is long (over `chunk_tokens`) and a much shorter LS
+  prompt waits (shortest remaining work first: a short prompt behind a long one is what multiplies TTFT
+  over its isolated value). A short LS pass is not: it ends soon, and preempting it for every newcomer
+  that then merges back could postpone it without end.
+
+Batches: LS prompts go first, most urgent first, grouped up to a token budget so that a short prompt does
+not ride with a long one; LS and BE decodes fill the pass. With LS decodes and no LS prompt waiting, BE
+prompts join the decode pass in chunks of at most `chunk_tokens` (the pass stays short: LS time per output
+token does not stall behind a long prefill); with no LS work at all, BE runs whole prompts. A long BE pass
+is suspended for LS decodes too, and resumed after their pass, so BE and LS decodes alternate a layer and
+a decode step at a time.
+
+BE progress is guaranteed by an aging bound (`be_max_wait_s`): BE work queued that long starts a pass of
+its own even while LS prompts wait, and a suspended pass held back that long resumes even while LS
+prompts wait. Either way it can still be preempted at its next point, so under LS overload BE advances a
+layer per LS pass and an LS prompt waits at most one layer for it.
 """
 
 from __future__ import annotations
 
 from qllm_core.request import PriorityClass, Request
-from qllm_core.scheduler.base import BatchBuilder, BatchPlan, PassInfo, Policy, SchedulerView, urgency
+from qllm_core.scheduler.base import (
+    BatchBuilder,
+    BatchPlan,
+    Granularity,
+    PassInfo,
+    Policy,
+    SchedulerView,
+    urgency,
+)
 
 LS = PriorityClass.LATENCY_SENSITIVE
 BE = PriorityClass.BEST_EFFORT
+SRPT_FACTOR = 2
+"""An LS prompt preempts a running LS prefill only when that pass has this many times its work left."""
 
 
 class QllmPolicy(Policy):
@@ -27,49 +49,88 @@ class QllmPolicy(Policy):
     name = "qllm"
 
     def next_batch(self, view: SchedulerView) -> BatchPlan | None:
-        """LS prefill batch (with BE decode fill), else a continuous batch with LS first."""
-        builder = BatchBuilder(self.config, view)
-        ls_prefill = sorted(view.waiting[LS], key=urgency)
-        ls_decode = sorted(view.ready[LS], key=urgency)
-        be_prefill, be_decode = view.waiting[BE], view.ready[BE]
+        """An aged BE pass, else an LS prefill batch, else a decode batch with BE chunks, else BE work."""
+        ls_prompts = sorted(view.waiting[LS], key=urgency)
+        ls_decodes = sorted(view.ready[LS], key=urgency)
+        be_prompts = sorted(view.waiting[BE], key=lambda r: r.waiting_since)
+        be_decodes = view.ready[BE]
         aged = self._aged_be(view)
-        if aged:
-            builder.add_in_order(aged, skip_misfits=True)
-            builder.add_in_order(ls_prefill, skip_misfits=True)
-            builder.add_in_order(ls_decode, skip_misfits=True)
+        if aged and view.running is None and view.suspended is None:
+            # Its own pass: the LS prompts that wait preempt it at its first point, after one unit of it.
+            builder = BatchBuilder(self.config, view)
             taken = {r.request_id for r in aged}
-            builder.add_in_order([r for r in be_decode if r.request_id not in taken], skip_misfits=True)
-        elif ls_prefill:
-            builder.add_in_order(ls_prefill, skip_misfits=True)
-            builder.add_in_order(ls_decode, skip_misfits=True)
-            builder.add_in_order(be_decode, skip_misfits=True)
-        else:
-            builder.add_in_order(ls_decode, skip_misfits=True)
-            builder.add_in_order(be_decode, skip_misfits=True)
-            builder.add_in_order(be_prefill)
+            builder.add_in_order(aged, skip_misfits=True)
+            builder.add_in_order([r for r in be_decodes if r.request_id not in taken], skip_misfits=True)
+            return builder.plan()
+        if ls_prompts:
+            first = ls_prompts[0].num_uncached_tokens
+            budget = max(self.config.chunk_tokens, first) + self.config.max_batch_size
+            builder = BatchBuilder(self.config, view, token_budget=budget)
+            builder.add_in_order(ls_prompts, skip_misfits=True)
+            builder.add_in_order(ls_decodes, skip_misfits=True)
+            builder.add_in_order(be_decodes, skip_misfits=True)
+            return builder.plan()
+        if ls_decodes:
+            builder = BatchBuilder(self.config, view, token_budget=self.config.chunk_tokens)
+            builder.add_in_order(ls_decodes, skip_misfits=True)
+            builder.add_in_order(be_decodes, skip_misfits=True)
+            builder.add_in_order(be_prompts, chunks=True)
+            return builder.plan()
+        builder = BatchBuilder(self.config, view)
+        builder.add_in_order(be_decodes, skip_misfits=True)
+        builder.add_in_order(be_prompts)
         return builder.plan()
 
     def should_preempt(self, view: SchedulerView) -> bool:
-        """Suspend the running pass for a waiting LS prompt, unless it carries one, BE has aged, or what is
-        left of it is no more work than one full decode iteration: then the LS prompt waits for the next
-        pass instead, which costs it about as much as a pass of its own would and saves that pass."""
+        """For a waiting LS prompt: any pass without an LS prefill, or one with far more LS work left. For
+        waiting LS decodes: a long pass with no LS work in it."""
         running = view.running
-        if running is None or not view.waiting[LS] or not self.may_preempt(running):
+        if running is None:
             return False
-        return running.held_back_s < self.config.be_max_wait_s
+        if view.waiting[LS]:
+            if not running.ls_prefill:
+                return True
+            return self._much_shorter_prompt_waits(view, running)
+        long_pass = running.num_tokens > self.config.chunk_tokens
+        return bool(view.ready[LS]) and not running.has_ls and long_pass
 
     def may_preempt(self, info: PassInfo) -> bool:
-        """Not a pass carrying an LS prefill, nor one whose work left is no more than a decode iteration's
-        (at its start: a pass of at most `max_batch_size` tokens, such as any decode-only pass)."""
-        num_layers = info.layer + info.layers_left
-        return not info.ls_prefill and info.num_tokens * info.layers_left > self.config.max_batch_size * num_layers
+        """Every pass: decode passes too (an LS prompt merges into them), and LS prefills (for a far shorter one)."""
+        return True
+
+    def points(self, info: PassInfo) -> Granularity:
+        """Expert-level points only for BE-only passes longer than a decode batch: an LS pass, or a decode-sized
+        one, stops at layer boundaries (where merging happens) and runs its experts fused."""
+        configured = self.config.granularity
+        if configured is Granularity.EXPERT and (info.has_ls or info.num_tokens <= self.config.max_batch_size):
+            return Granularity.LAYER
+        return configured
+
+    def should_merge(self, active: PassInfo, suspended: PassInfo) -> bool:
+        """Merge into a cheap suspended pass: no more tokens than a decode batch or than the running pass."""
+        if self.config.merge_ls_into_be:
+            return True
+        return suspended.num_tokens <= max(self.config.max_batch_size, active.num_tokens)
 
     def should_resume(self, view: SchedulerView) -> bool:
-        """Resume the suspended pass once no LS prompt waits, or when it has aged."""
+        """Resume once no LS prompt waits (a suspended LS prefill: once none far shorter waits), or once aged."""
         suspended = view.suspended
         if suspended is None:
             return False
-        return not view.waiting[LS] or suspended.held_back_s >= self.config.be_max_wait_s
+        if not view.waiting[LS]:
+            return True
+        if suspended.ls_prefill:
+            return not self._much_shorter_prompt_waits(view, suspended)
+        return suspended.held_back_s >= self.config.be_max_wait_s
+
+    def _much_shorter_prompt_waits(self, view: SchedulerView, holder: PassInfo) -> bool:
+        """Shortest remaining work first, among long LS prefills, with a margin against churn."""
+        if holder.num_tokens <= self.config.chunk_tokens:
+            return False
+        shortest = min(r.num_uncached_tokens for r in view.waiting[LS])
+        num_layers = holder.layer + holder.layers_left
+        left = holder.num_tokens * holder.layers_left / max(1, num_layers)
+        return shortest * SRPT_FACTOR < left
 
     def _aged_be(self, view: SchedulerView) -> list[Request]:
         """BE requests queued at least `be_max_wait_s`, longest-waiting first."""

@@ -6,6 +6,7 @@ from qllm_core import EngineConfig, SamplingParams
 from qllm_core.config import Granularity
 from qllm_core.engine_core import EngineCore
 from qllm_core.forward import ForwardPass, Stage
+from qllm_core.request import PriorityClass
 from qllm_core.scheduler import BatchPlan
 from tests.conftest import DEVICE, drain
 
@@ -106,20 +107,7 @@ def test_iteration_level_policies_make_ls_wait_for_the_be_prefill() -> None:
     assert _first_token_order("qllm", "iteration") == ["be", "ls"]
 
 
-def test_aging_bound_stops_preemption_of_be_work_held_back_too_long() -> None:
-    clock = [0.0]
-    core = EngineCore(
-        EngineConfig(model="tiny", device=DEVICE, granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
-    )
-    core.add_request("be", LONG, GREEDY, "be")
-    clock[0] = 2.0  # it waited in the queue past the bound before its pass started
-    core.step()
-    core.add_request("ls", SHORT, GREEDY, "ls")
-    core.step()
-    assert not core.suspended and core.stats().preemptions == 0
-
-
-def test_suspended_be_pass_resumes_once_aged_even_with_ls_prompts_waiting() -> None:
+def test_an_aged_be_pass_advances_between_ls_passes_under_continuous_ls_load() -> None:
     clock = [0.0]
     core = EngineCore(
         EngineConfig(model="tiny", device=DEVICE, granularity="layer", be_max_wait_s=1.0), clock=lambda: clock[0]
@@ -130,14 +118,19 @@ def test_suspended_be_pass_resumes_once_aged_even_with_ls_prompts_waiting() -> N
     core.step()
     be_pass = core.suspended[0]
     clock[0] = 1.5  # suspended for longer than the bound
-    for i in range(1, 4):  # a steady stream of LS prompts
-        core.add_request(f"ls{i}", SHORT, GREEDY, "ls")
-    while core.active is not be_pass:
+    resumed_with_ls_waiting = 0
+    for i in range(60):  # a steady stream of LS prompts, one every third step
+        if i % 3 == 0:
+            core.add_request(f"ls{i + 1}", [12 + i, 22, 33], GREEDY, "ls")
+        was_suspended = be_pass in core.suspended
+        ls_waiting = bool(core.table.queues().waiting[PriorityClass.LATENCY_SENSITIVE])
         core.step()
-    assert core.requests["be"].preemptions == 1
-    while not be_pass.done:
-        core.step()
-        assert be_pass.done or core.active is be_pass, "an aged pass runs to the end"
+        resumed_with_ls_waiting += was_suspended and ls_waiting and core.active is be_pass
+        if be_pass.done:
+            break
+    # It finished its prefill under that load, resuming (a layer at a time) even while LS prompts waited.
+    assert be_pass.done and resumed_with_ls_waiting > 0
+    assert core.requests["be"].preemptions > 1, "it was still preempted for LS prompts after aging"
 
 
 def test_policy_is_asked_once_per_pass_until_a_request_arrives() -> None:
@@ -158,27 +151,61 @@ def test_policy_is_asked_once_per_pass_until_a_request_arrives() -> None:
     core.step()  # asked again, and this time it preempts
     assert len(asked) == 2 and core.stats().preemptions == 1
     drain(core)
-    assert core.stats().preemptions == 1
+    # Then each of the LS request's decode steps cut into the long BE prefill once, at a layer boundary.
+    assert core.stats().preemptions == 1 + (GREEDY.max_tokens - 1)
 
 
 def test_a_pass_the_policy_could_never_preempt_runs_without_preemption_points() -> None:
+    core = _core(granularity="expert", policy="fcfs")
+    core.add_request("be", LONG, GREEDY, "be")
+    for _ in range(GREEDY.max_tokens):  # the prefill, then each decode pass: one step each, experts fused
+        done = core.stats().passes_completed
+        assert core.step() and core.active is None and core.stats().passes_completed == done + 1
+    assert not core.has_work()
+
+
+def test_qllm_stops_a_be_prefill_between_experts_and_a_decode_pass_between_layers() -> None:
     core = _core(granularity="expert", policy="qllm")
     core.add_request("be", LONG, GREEDY, "be")
     core.step()
     prefill = core.active
-    # 600 prompt tokens: qllm may preempt it, so it stops between experts.
     assert prefill is not None and prefill.granularity is Granularity.EXPERT
-    while core.active is not None:
+    while core.active is prefill:
         core.step()
     assert any(stage is Stage.EXPERT_SPAN for _, stage, _ in prefill.executed)
     assert not any(stage is Stage.ALL_EXPERTS for _, stage, _ in prefill.executed)
-    # Each decode pass (one token) is no more than a decode iteration: qllm never preempts it, so it runs
-    # in one step, its experts through the fused kernel.
-    for _ in range(GREEDY.max_tokens - 1):
-        done = core.stats().passes_completed
-        outs = core.step()
-        assert core.active is None and core.stats().passes_completed == done + 1 and outs
-    assert not core.has_work()
+    core.step()
+    decode = core.active
+    # A decode-sized pass stops between layers, where an LS pass can merge into it, with its experts fused.
+    assert decode is not None and decode.granularity is Granularity.LAYER
+    drain(core)
+    assert any(stage is Stage.ALL_EXPERTS for _, stage, _ in decode.executed)
+    assert not any(stage is Stage.EXPERT_SPAN for _, stage, _ in decode.executed)
+
+
+def test_an_ls_prompt_merges_into_the_decode_pass_it_preempted() -> None:
+    core = _core(granularity="layer", policy="qllm", dtype="float64")
+    reference = _core(granularity="iteration", policy="fcfs", dtype="float64")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for c in (core, reference):
+        for i in range(4):
+            c.add_request(f"be{i}", LONG[i * 10 : i * 10 + 40], params, "be")
+    while not core.requests["be0"].output_token_ids:
+        core.step()
+    while core.active is None or core.active.layer != 2:  # a decode pass two layers in
+        core.step()
+    decode = core.active
+    assert decode.num_tokens == 4
+    core.add_request("ls", SHORT, params, "ls")
+    reference.add_request("ls", SHORT, params, "ls")
+    core.step()
+    assert core.suspended == [decode]
+    while core.stats().merges == 0:
+        core.step()
+    assert core.active is decode and {e.request.request_id for e in decode.entries} >= {"ls", "be0"}
+    finals = drain(core)
+    expected = drain(reference)
+    assert {k: v.token_ids for k, v in finals.items()} == {k: v.token_ids for k, v in expected.items()}
 
 
 def test_a_chunked_prompt_gives_the_greedy_output_of_the_whole_prompt() -> None:

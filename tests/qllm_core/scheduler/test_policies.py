@@ -86,36 +86,75 @@ def test_qllm_deadlines_order_ls_prompts() -> None:
     assert plan_ids("qllm", view([late, urgent]))[:2] == ["urgent", "late"]
 
 
-def test_qllm_preempts_be_only_for_waiting_ls_prompts() -> None:
+def test_qllm_preempts_any_pass_without_an_ls_prefill_for_a_waiting_ls_prompt() -> None:
     policy = POLICIES["qllm"](CONFIG)
-    ls_prompt, ls_decode = req("ls", LS, 0.5), req("lsd", LS, 0.5, decoding=True)
+    ls_prompt = req("ls", LS, 0.5)
     assert policy.should_preempt(view([ls_prompt], running=running_pass({BE})))
-    assert not policy.should_preempt(view([ls_decode], running=running_pass({BE})))
-    assert not policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=True)))
     assert policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=False)))
+    # A decode pass too: the LS pass merges into it where it stopped, so it costs the LS prompt nothing.
+    decodes = running_pass({LS, BE}, tokens=4)
+    assert policy.should_preempt(view([ls_prompt], running=decodes))
+    assert policy.should_merge(running_pass({LS}, tokens=10), decodes)
+    assert not policy.should_merge(running_pass({LS}, tokens=10), running_pass({BE}, tokens=400))
 
 
-def test_qllm_lets_a_short_pass_finish_instead_of_preempting_it() -> None:
+def test_qllm_preempts_an_ls_prefill_only_for_a_far_shorter_ls_prompt() -> None:
     policy = POLICIES["qllm"](CONFIG)
-    ls_prompt = req("ls", LS, 0.5)
-    # 4 decodes x 6 layers left is less than one full decode iteration (4 sequences x 8 layers): wait.
-    assert not policy.should_preempt(view([ls_prompt], running=running_pass({BE}, tokens=4)))
-    assert policy.should_preempt(view([ls_prompt], running=running_pass({BE}, tokens=40)))
+    short, long = req("short", LS, 0.5, prompt=10), req("long", LS, 0.5, prompt=900)
+    running_long = running_pass({LS}, ls_prefill=True, tokens=2000)  # 1500 token-layers of 2000 left
+    assert policy.should_preempt(view([short], running=running_long))
+    assert not policy.should_preempt(view([long], running=running_pass({LS}, ls_prefill=True, tokens=500)))
+    # The suspended long prefill resumes before newer prompts of its size, not before a far shorter one.
+    assert policy.should_resume(view([long], suspended=running_long))
+    assert not policy.should_resume(view([short], suspended=running_long))
 
 
-def test_may_preempt_rules_out_exactly_the_passes_should_preempt_always_declines() -> None:
-    qllm = POLICIES["qllm"](CONFIG)
+def test_qllm_lets_ls_decodes_cut_into_a_long_be_pass_and_keeps_short_ones() -> None:
+    policy = POLICIES["qllm"](CONFIG)
+    ls_decode = req("lsd", LS, 0.5, decoding=True)
+    assert policy.should_preempt(view([ls_decode], running=running_pass({BE}, tokens=2000)))
+    assert not policy.should_preempt(view([ls_decode], running=running_pass({BE}, tokens=40)))
+    assert not policy.should_preempt(view([ls_decode], running=running_pass({LS, BE}, tokens=2000)))
+
+
+def test_qllm_joins_be_prompts_to_ls_decodes_in_chunks_only() -> None:
+    small = dataclasses.replace(CONFIG, chunk_tokens=30)
+    rs = [req("lsd", LS, 0.0, decoding=True), req("bed", BE, 0.0, decoding=True), req("be", BE, 0.1, prompt=80)]
+    plan = POLICIES["qllm"](small).next_batch(view(rs))
+    assert plan is not None and list(zip(plan.request_ids, plan.num_tokens, strict=True)) == [
+        ("lsd", 1),
+        ("bed", 1),
+        ("be", 28),
+    ]
+    # Without LS decodes the BE prompt runs whole.
+    assert plan_ids("qllm", view(rs[1:])) == ["bed", "be"]
+
+
+def test_qllm_groups_ls_prompts_so_a_short_one_does_not_ride_with_a_long_one() -> None:
+    rs = [req("a", LS, 0.1, prompt=20), req("huge", LS, 0.2, prompt=900), req("b", LS, 0.3, prompt=30)]
+    # The most urgent first; the others join while the LS tokens stay within max(chunk_tokens, first).
+    assert plan_ids("qllm", view(rs)) == ["a", "b"]
+
+
+def test_may_preempt_is_true_wherever_should_preempt_can_say_yes() -> None:
     ls_prompt = req("ls", LS, 0.5)
-    for tokens in (1, CONFIG.max_batch_size, CONFIG.max_batch_size + 1, 400):
-        for ls_prefill in (False, True):
-            starting = PassInfo(frozenset({BE, LS}), ls_prefill, 0.0, 0, True, num_tokens=tokens, layers_left=8)
-            # At its start, with an LS prompt waiting: may_preempt is whether should_preempt would say yes.
-            assert qllm.may_preempt(starting) == qllm.should_preempt(view([ls_prompt], running=starting))
-    decode = PassInfo(frozenset({BE}), False, 0.0, 0, True, num_tokens=CONFIG.max_batch_size, layers_left=8)
+    for name in POLICIES:
+        policy = POLICIES[name](CONFIG)
+        for tokens in (1, CONFIG.max_batch_size, CONFIG.max_batch_size + 1, 400, 4000):
+            for ls_prefill in (False, True):
+                starting = PassInfo(frozenset({BE, LS}), ls_prefill, 0.0, 0, True, num_tokens=tokens, layers_left=8)
+                if policy.should_preempt(view([ls_prompt], running=starting)):
+                    assert policy.may_preempt(starting), (name, tokens, ls_prefill)
     prefill = PassInfo(frozenset({BE}), False, 0.0, 0, True, num_tokens=512, layers_left=8)
-    assert not qllm.may_preempt(decode) and qllm.may_preempt(prefill)
-    for name in ("fcfs", "priority"):
+    for name in ("fcfs", "priority", "chunked"):
         assert not POLICIES[name](CONFIG).may_preempt(prefill)
+
+
+def test_qllm_stops_decode_sized_and_ls_passes_at_layers_only() -> None:
+    expert = POLICIES["qllm"](dataclasses.replace(CONFIG, granularity=Granularity.EXPERT))
+    assert expert.points(running_pass({BE}, tokens=400)) is Granularity.EXPERT
+    assert expert.points(running_pass({BE}, tokens=CONFIG.max_batch_size)) is Granularity.LAYER
+    assert expert.points(running_pass({LS, BE}, tokens=400)) is Granularity.LAYER
 
 
 def test_a_policy_that_overrides_should_preempt_may_preempt_by_default() -> None:
@@ -137,27 +176,21 @@ def test_a_policy_that_overrides_should_preempt_may_preempt_by_default() -> None
     assert not Never(CONFIG).may_preempt(prefill)
 
 
-def test_qllm_aging_stops_preemption_and_puts_be_first() -> None:
+def test_qllm_aged_be_starts_its_own_pass_and_still_yields_to_ls_at_its_next_point() -> None:
     policy = POLICIES["qllm"](CONFIG)
     ls_prompt = req("ls", LS, 9.9)
-    assert not policy.should_preempt(view([ls_prompt], now=10.0, running=running_pass({BE}, held=6.0)))
-    old_be = req("old", BE, 0.0)
-    assert plan_ids("qllm", view([ls_prompt, old_be], now=10.0)) == ["old", "ls"]
-    assert policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=6.0)))
-    assert not policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=1.0)))
-
-
-def test_qllm_aged_be_shares_the_next_pass_with_ls_prompts_and_young_be_waits() -> None:
-    # Overload: two BE prompts past the bound, one young BE prompt, an LS prompt and a BE decode.
     aged = [req(f"old{i}", BE, i * 0.1, prompt=25) for i in range(2)]
     young = req("young", BE, 9.0, prompt=5)
-    rs = [*aged, young, req("ls", LS, 9.5, prompt=10), req("bed", BE, 9.8, decoding=True)]
-    # The aged BE work goes first (the bound), the LS prompt still rides along (it waits one pass, not a
-    # queue of aged passes), then decodes; the young BE prompt waits its turn.
-    assert plan_ids("qllm", view(rs, now=10.0)) == ["old0", "old1", "ls", "bed"]
-    # A queue of aged BE no longer blocks preempting a young pass for an LS prompt: the next pass takes both.
-    policy = POLICIES["qllm"](CONFIG)
-    assert policy.should_preempt(view([*aged, req("ls", LS, 9.5)], now=10.0, running=running_pass({BE})))
+    rs = [*aged, young, ls_prompt, req("bed", BE, 9.8, decoding=True)]
+    # Nothing in flight: the BE work past the bound starts now, with the BE decodes; not the young prompt.
+    assert plan_ids("qllm", view(rs, now=10.0)) == ["old0", "old1", "bed"]
+    # It is preempted like any BE pass, so the LS prompt waits one unit of it...
+    assert policy.should_preempt(view([ls_prompt], now=10.0, running=running_pass({BE}, held=6.0)))
+    # ...and while suspended it resumes even with LS prompts waiting: it advances a unit per LS pass.
+    assert policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=6.0)))
+    assert not policy.should_resume(view([ls_prompt], now=10.0, suspended=running_pass({BE}, held=1.0)))
+    # With a pass in flight, the next pass is the LS prompt's, not a second aged pass.
+    assert plan_ids("qllm", view(rs, now=10.0, running=running_pass({BE}, held=6.0)))[0] == "ls"
 
 
 def test_batch_limits_and_kv_headroom_are_respected() -> None:
