@@ -63,6 +63,8 @@ class Engine:
         self.max_model_len = self._core.loaded.max_model_len
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._subscribers: dict[str, _Subscriber] = {}
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = set()
+        """Callers waiting for a command's answer; settled with EngineStoppedError if the loop dies first."""
         self._ids = itertools.count()
         self._stats = self._core.stats()
         self._stopping = threading.Event()
@@ -117,8 +119,13 @@ class Engine:
             self._subscribers[rid] = sub
             sub.loop.call_soon_threadsafe(_settle, accepted, None)
 
+        waiter = (sub.loop, accepted)
+        self._waiters.add(waiter)
         self._commands.put(add)
-        await accepted
+        try:
+            await accepted
+        finally:
+            self._waiters.discard(waiter)
         finished = False
         try:
             while True:
@@ -138,8 +145,13 @@ class Engine:
         self._check_alive()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
+        waiter = (loop, done)
+        self._waiters.add(waiter)
         self._commands.put(lambda: loop.call_soon_threadsafe(_settle, done, self._abort_now(request_id)))
-        return await done
+        try:
+            return await done
+        finally:
+            self._waiters.discard(waiter)
 
     def stats(self) -> EngineStats:
         """The latest snapshot of queues, running work, KV usage and recent TTFTs (refreshed every step; the
@@ -193,6 +205,11 @@ class Engine:
             for sub in self._subscribers.values():
                 sub.put(EngineStoppedError(self._dead))
             self._subscribers.clear()
+            # Commands queued behind the one that killed the loop never run: their callers must not wait on.
+            stopped = EngineStoppedError(self._dead)
+            for loop, future in list(self._waiters):
+                with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, future, stopped)
 
     def _commands_waiting(self) -> bool:
         return not self._commands.empty()

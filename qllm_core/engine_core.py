@@ -73,6 +73,8 @@ class EngineCore:
         """(pass id, submissions) when the policy last declined to preempt that pass."""
         self._aborts_pending = 0
         """Requests marked to leave the running pass at its next layer boundary."""
+        m = self.metrics
+        self._gauges = [(m.running.labels(c.label), m.waiting.labels(c.label)) for c in PriorityClass]
 
     @property
     def requests(self) -> dict[str, Request]:
@@ -275,11 +277,11 @@ class EngineCore:
         self.kv.audit()
 
     def _update_gauges(self) -> None:
-        table, m = self.table, self.metrics
-        for c in PriorityClass:
-            m.running.labels(c.label).set(table.count(c, RequestState.RUNNING))
-            m.waiting.labels(c.label).set(table.count(c, RequestState.WAITING) + table.count(c, RequestState.READY))
-        m.kv_usage.set(self.kv.used_blocks / self.kv.num_blocks)
+        table = self.table
+        for c, (running, waiting) in zip(PriorityClass, self._gauges, strict=True):
+            running.set(table.count(c, RequestState.RUNNING))
+            waiting.set(table.count(c, RequestState.WAITING) + table.count(c, RequestState.READY))
+        self.metrics.kv_usage.set(self.kv.used_blocks / self.kv.num_blocks)
 
     def stats(self) -> EngineStats:
         """Per-class queue depths, running work, KV usage and recent TTFTs."""
@@ -296,7 +298,7 @@ class EngineCore:
             },
             kv_used_blocks=self.kv.used_blocks,
             kv_total_blocks=self.kv.num_blocks,
-            active_pass=None if active is None else f"{active.stage.value}@layer{active.layer}",
+            active_pass=None if active is None else f"{active.stage.label}@layer{active.layer}",
             suspended_passes=len(self.passes.suspended),
             passes_completed=self.outputs.passes_completed,
             preemptions=self.passes.preemptions,

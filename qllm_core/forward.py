@@ -24,18 +24,24 @@ from qllm_core.scheduler.base import Granularity, PassInfo
 from qllm_core.transfer import to_device
 
 
-class Stage(enum.Enum):
-    """Where a pass stands: the next unit of work it will run."""
+class Stage(enum.IntEnum):
+    """Where a pass stands: the next unit of work it will run. An IntEnum, so that counting units per stage
+    hashes an int rather than calling Enum's Python-level hash on every unit."""
 
-    EMBED = "embed"
-    ATTENTION = "attention"
-    ROUTE = "route"
-    ALL_EXPERTS = "all_experts"  # every routed expert of a layer in one unit (layer and iteration granularity)
-    EXPERT_SPAN = "expert_span"  # one span of routed experts (expert granularity)
-    SHARED_EXPERT = "shared_expert"
-    COMBINE = "combine"
-    HEAD = "head"
-    DONE = "done"
+    EMBED = 0
+    ATTENTION = 1
+    ROUTE = 2
+    ALL_EXPERTS = 3  # every routed expert of a layer in one unit (layer and iteration granularity)
+    EXPERT_SPAN = 4  # one span of routed experts (expert granularity)
+    SHARED_EXPERT = 5
+    COMBINE = 6
+    HEAD = 7
+    DONE = 8
+
+    @property
+    def label(self) -> str:
+        """The name shown in stats and errors ("attention")."""
+        return self.name.lower()
 
 
 BOUNDARY_STAGES = frozenset({Stage.EMBED, Stage.ATTENTION, Stage.HEAD})
@@ -287,7 +293,7 @@ class ForwardPass:
         """Take these requests out of the pass, at a layer boundary, with nothing lost for the others; returns
         the entries removed. Their KV may be freed at once: the pass no longer reads or writes it."""
         if not self.at_layer_boundary:
-            raise RuntimeError(f"requests can leave a pass only between layers, not at {self.stage.value}")
+            raise RuntimeError(f"requests can leave a pass only between layers, not at {self.stage.label}")
         keep = [e for e in self.entries if e.request.request_id not in request_ids]
         gone = [e for e in self.entries if e.request.request_id in request_ids]
         if not gone:
@@ -316,8 +322,8 @@ class ForwardPass:
         """
         if not (self.stage is other.stage is Stage.ATTENTION and self.layer == other.layer):
             raise RuntimeError(
-                f"passes can merge only before the same layer: {self.stage.value}@{self.layer} "
-                f"vs {other.stage.value}@{other.layer}"
+                f"passes can merge only before the same layer: {self.stage.label}@{self.layer} "
+                f"vs {other.stage.label}@{other.layer}"
             )
         assert self.hidden is not None and other.hidden is not None  # noqa: S101
         assert self._rope is not None and other._rope is not None  # noqa: S101

@@ -49,6 +49,7 @@ class OutputProcessor:
         """Text shown so far per request (what the next delta starts after)."""
         self.recent_ttft: dict[PriorityClass, deque[TtftSample]] = {c: deque(maxlen=ttft_window) for c in PriorityClass}
         self.passes_completed = 0
+        self._tokens_out = [metrics.generated_tokens.labels(c.label) for c in PriorityClass]
 
     # ---- a completed pass ------------------------------------------------------------------------------
     def complete(self, finished: ForwardPass, now: float) -> list[RequestOutput]:
@@ -66,7 +67,7 @@ class OutputProcessor:
             tokens = self.sampler.sample(logits, [e.request for _, e in sampling])
         chosen = {i: t for (i, _), t in zip(sampling, tokens, strict=True)}
         outputs = []
-        generated = dict.fromkeys(PriorityClass, 0)
+        generated = [0] * len(PriorityClass)
         for i, entry in enumerate(entries):
             request = entry.request
             request.num_cached_tokens = entry.start + len(entry.token_ids)
@@ -79,9 +80,9 @@ class OutputProcessor:
             else:
                 generated[request.priority] += 1
                 outputs.append(self._append(request, chosen[i], finished, i, now))
-        for cls, count in generated.items():  # once per class, not per token: a labelled inc takes a lock
-            if count:
-                self._metrics.generated_tokens.labels(cls.label).inc(count)
+        for cls, count in zip(PriorityClass, generated, strict=True):
+            if count:  # once per class, not per token: a labelled inc takes a lock
+                self._tokens_out[cls].inc(count)
         return outputs
 
     @staticmethod

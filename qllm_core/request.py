@@ -53,14 +53,20 @@ class FinishReason(enum.Enum):
     ERROR = "error"  # the engine failed while running it
 
 
-class RequestState(enum.Enum):
-    """A request's life. WAITING needs a prefill (first, or again after its KV was dropped); READY has its
-    KV cached and waits for its next decode step; RUNNING is inside a forward pass (active or suspended)."""
+class RequestState(enum.IntEnum):
+    """A request's life. WAITING needs a prefill (first, the rest of a chunked one, or again after its KV was
+    dropped); READY has its KV cached and waits for its next decode step; RUNNING is inside a forward pass
+    (active or suspended). An IntEnum: the engine counts requests per state on every move."""
 
-    WAITING = "waiting"
-    READY = "ready"
-    RUNNING = "running"
-    FINISHED = "finished"
+    WAITING = 0
+    READY = 1
+    RUNNING = 2
+    FINISHED = 3
+
+    @property
+    def label(self) -> str:
+        """The name shown in messages ("waiting")."""
+        return self.name.lower()
 
 
 _TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
@@ -126,7 +132,7 @@ class Request:
     def move_to(self, new: RequestState) -> None:
         """Change state along an allowed edge of the state machine."""
         if new not in _TRANSITIONS[self.state]:
-            raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.value} -> {new.value}")
+            raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.label} -> {new.label}")
         self.state = new
 
     def token_slice(self, start: int, end: int) -> tuple[int, ...]:

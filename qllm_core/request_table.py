@@ -43,7 +43,8 @@ class RequestTable:
         self._limits = limits
         self._kv = kv
         self._requests: dict[str, Request] = {}
-        self._counts: Counter[tuple[PriorityClass, RequestState]] = Counter()
+        # Per class, per state: plain lists indexed by the IntEnums (a move touches two of them).
+        self._counts = [[0] * len(RequestState) for _ in PriorityClass]
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
@@ -65,7 +66,7 @@ class RequestTable:
 
     def count(self, cls: PriorityClass, state: RequestState) -> int:
         """Requests of a class in a state."""
-        return self._counts[(cls, state)]
+        return self._counts[cls][state]
 
     # ---- in and out ----------------------------------------------------------------------------------
     def admit(
@@ -93,7 +94,7 @@ class RequestTable:
             raise InvalidRequestError("ttft_deadline_s must be a positive number of seconds", param="ttft_deadline_s")
         request = Request(request_id, list(prompt_token_ids), params, cls, arrival, ttft_deadline_s)
         self._requests[request_id] = request
-        self._counts[(cls, request.state)] += 1
+        self._counts[cls][request.state] += 1
         return request
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
@@ -125,14 +126,15 @@ class RequestTable:
 
     def move(self, request: Request, state: RequestState) -> None:
         """Every state change goes through here, so the per-state counts stay exact without a recount."""
-        self._counts[(request.priority, request.state)] -= 1
+        counts = self._counts[request.priority]
+        counts[request.state] -= 1
         request.move_to(state)
-        self._counts[(request.priority, state)] += 1
+        counts[state] += 1
 
     def remove(self, request: Request) -> None:
         """Forget a finished request."""
         del self._requests[request.request_id]
-        self._counts[(request.priority, RequestState.FINISHED)] -= 1
+        self._counts[request.priority][RequestState.FINISHED] -= 1
 
     # ---- what policies see ---------------------------------------------------------------------------
     def queues(self) -> Queues:
@@ -152,7 +154,7 @@ class RequestTable:
 
     def audit(self) -> None:
         """Recount requests per class and state against the kept counts (O(requests): for tests)."""
-        kept = {k: n for k, n in self._counts.items() if n}
+        kept = {(c, s): self._counts[c][s] for c in PriorityClass for s in RequestState if self._counts[c][s]}
         recount = dict(Counter((r.priority, r.state) for r in self._requests.values()))
         if kept != recount:
             raise RuntimeError(f"request counts drifted: kept {kept}, recounted {recount}")

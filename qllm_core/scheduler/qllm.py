@@ -61,7 +61,9 @@ class QllmPolicy(Policy):
             taken = {r.request_id for r in aged}
             builder.add_in_order(aged, skip_misfits=True)
             builder.add_in_order([r for r in be_decodes if r.request_id not in taken], skip_misfits=True)
-            return builder.plan()
+            plan = builder.plan()
+            if plan is not None:  # none of it fits the KV left: the rest runs meanwhile, so memory frees up
+                return plan
         if ls_prompts:
             first = ls_prompts[0].num_uncached_tokens
             budget = max(self.config.chunk_tokens, first) + self.config.max_batch_size

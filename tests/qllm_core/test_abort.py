@@ -5,6 +5,7 @@ from __future__ import annotations
 from qllm_core import EngineConfig, FinishReason, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.forward import Stage
+from qllm_core.request import RequestState
 from tests.conftest import DEVICE, drain
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -56,7 +57,7 @@ def test_abort_in_a_pass_suspended_between_experts_requeues_the_others_with_thei
     out = core.abort("be0")
     assert out is not None and out.finish_reason is FinishReason.ABORT
     assert not core.suspended, "its work is given up: it could not lose a request in the middle of a layer"
-    assert core.requests["be1"].state.value == "waiting" and core.kv.holds("be1")
+    assert core.requests["be1"].state is RequestState.WAITING and core.kv.holds("be1")
     core.audit()
     assert drain(core)["be1"].token_ids == _expected()["be1"]
     assert core.kv.used_blocks == 0

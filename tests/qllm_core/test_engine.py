@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -204,3 +205,21 @@ async def test_ls_arriving_mid_pass_is_noticed_at_the_next_preemption_point(gran
         assert e.stats().preemptions == 1
     finally:
         e.shutdown()
+
+
+async def test_a_caller_queued_behind_a_command_that_kills_the_loop_gets_engine_stopped() -> None:
+    engine = Engine(EngineConfig(model="tiny", device=DEVICE))
+    gate = threading.Event()
+    engine._commands.put(gate.wait)  # hold the loop inside its command drain
+
+    def poison() -> None:
+        raise RuntimeError("a bug in a command")
+
+    engine._commands.put(poison)
+    first = asyncio.ensure_future(anext(engine.generate(prompt="hello", params=SamplingParams(max_tokens=4))))
+    await asyncio.sleep(0.2)  # its `add` is queued behind the poison
+    gate.set()
+    with pytest.raises(EngineStoppedError):
+        await asyncio.wait_for(first, timeout=10)
+    with pytest.raises(EngineStoppedError):
+        engine.check_health(60.0)

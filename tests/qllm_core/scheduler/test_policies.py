@@ -233,3 +233,13 @@ def test_chunked_never_preempts_a_pass() -> None:
     assert not policy.should_preempt(view([req("ls", LS, 0.5)], running=running_pass({BE})))
     assert not policy.may_preempt(running_pass({BE}))
     assert all(cls.name == name for name, cls in POLICIES.items())
+
+
+def test_qllm_runs_other_work_when_no_aged_be_fits_the_kv_left() -> None:
+    old = req("old", BE, 0.0, prompt=30)
+    lsd = req("lsd", LS, 9.0, decoding=True)
+    blocks = {"old": 5, "lsd": 0}
+    v = view([old, lsd], now=10.0, free_blocks=2)
+    v = dataclasses.replace(v, block_cost=lambda r, n: blocks[r.request_id])
+    # The aged prompt does not fit: the LS decode runs instead of nothing (which would wait forever).
+    assert plan_ids("qllm", v) == ["lsd"]
