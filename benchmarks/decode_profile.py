@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_bench import prompt, synchronize, transformers_twin
-from qllm_core import EngineConfig, SamplingParams
+from qllm_core import EngineConfig, Granularity, SamplingParams
 from qllm_core.engine_core import EngineCore
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
-    core = EngineCore(dataclasses.replace(base, granularity="iteration", policy="fcfs", kv_cache_tokens=8192))
+    core = EngineCore(dataclasses.replace(base, granularity=Granularity.ITERATION, policy="fcfs", kv_cache_tokens=8192))
     device = core.loaded.device
     params = SamplingParams(max_tokens=10 * args.steps + 10, temperature=0.0, ignore_eos=True)
     for i in range(args.batch):

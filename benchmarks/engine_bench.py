@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from qllm_core import Engine, EngineConfig, SamplingParams
+from qllm_core import Engine, EngineConfig, Granularity, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.models.registry import LoadedModel, load_model
 
@@ -116,7 +116,7 @@ def decode_comparison(
 ) -> dict:
     """Engine vs transformers decode step time at equal batch: lockstep runs against each expert kernel."""
     # The KV pool sized for this batch (8 x 128 tokens, with room), as transformers' cache is.
-    config = dataclasses.replace(base, granularity="iteration", policy="fcfs", kv_cache_tokens=8192)
+    config = dataclasses.replace(base, granularity=Granularity.ITERATION, policy="fcfs", kv_cache_tokens=8192)
     core = EngineCore(config, loaded=loaded)
     hf = {
         "transformers_default_experts": transformers_twin(core),
@@ -175,7 +175,8 @@ def granularity_overhead(
     kv_tokens = 2 * requests * (prompt_len + new_tokens)
     base = dataclasses.replace(base, policy="qllm", max_batched_tokens=2 * prompt_len, kv_cache_tokens=kv_tokens)
     cores = {
-        g: EngineCore(dataclasses.replace(base, granularity=g), loaded=loaded) for g in ("iteration", "layer", "expert")
+        g: EngineCore(dataclasses.replace(base, granularity=Granularity(g)), loaded=loaded)
+        for g in ("iteration", "layer", "expert")
     }
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     per_round = []
@@ -225,7 +226,7 @@ def ls_ttft_under_be_prefill(
     that prefill. Each trial measures all three in a row: the LS request alone, the BE prefill alone (its
     TTFT is the pass time), and the LS request arriving during the prefill, at a different point of a
     layer in each trial."""
-    engine = Engine(dataclasses.replace(base, policy=policy, granularity=granularity), loaded=loaded)
+    engine = Engine(dataclasses.replace(base, policy=policy, granularity=Granularity(granularity)), loaded=loaded)
     layers = loaded.staged.num_layers
     per_trial = []
     try:
