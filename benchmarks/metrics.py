@@ -8,12 +8,20 @@ Definitions (all times in seconds, measured by the client on one monotonic clock
 - Turnaround (end to end): last token received - request sent. Over completed requests.
 - TPOT (time per output token): (last token - first token) / (output tokens - 1). Over completed
   requests with at least two output tokens.
+- Slowdown: TTFT / the isolated TTFT of the same prompt length on the idle target (`isolated_ttft_s`,
+  measured around the run by `benchmarks.calibration`): what the scheduler cost the request; 1 is the limit.
 - Duration: first request sent -> last completed request finished (the makespan).
 - Throughput: completed requests / duration and output tokens of completed requests / duration.
+- Send lag: actual send - scheduled send (how faithfully the client offered the load).
+- Client lag: TTFT the client saw - TTFT the engine recorded (`Timeline.ttft_s`): the time between the
+  engine's clock and the client's at both ends (handing the request in, handing the token back), where an
+  engine thread and the client compete for one process.
 
 Percentiles use linear interpolation between closest ranks, numpy's default (`method="linear"`,
 Hyndman & Fan type 7): sort the n values, take rank h = (n - 1) * q / 100 and interpolate between the
-values at floor(h) and ceil(h).
+values at floor(h) and ceil(h). A percentile q is reported only from at least 100 / (100 - q) samples
+(`min_samples`: 10 for p90, 100 for p99; the median from any), else it is missing (None) and the count
+says why.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from benchmarks.workload import Priority
+from qllm_core.timeline import Timeline
 
 
 class MetricsError(ValueError):
@@ -42,15 +51,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (h - lo) * (ordered[hi] - ordered[lo])
 
 
+def min_samples(q: float) -> int:
+    """Fewest samples a q-th percentile is reported from: one sample must lie beyond it (100 for p99)."""
+    return 1 if q <= 50 else math.ceil(100.0 / (100.0 - q) - 1e-9)
+
+
+def reported_percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile, or None from fewer than `min_samples(q)` values."""
+    return percentile(values, q) if values and len(values) >= min_samples(q) else None
+
+
 @dataclass(frozen=True)
 class Distribution:
-    """Mean and percentiles of a sample."""
+    """Mean and percentiles of a sample; a percentile is None when the sample is too small for it."""
 
     count: int
     mean: float
     p50: float
-    p90: float
-    p99: float
+    p90: float | None
+    p99: float | None
     max: float
 
     @classmethod
@@ -62,8 +81,8 @@ class Distribution:
             count=len(values),
             mean=math.fsum(values) / len(values),
             p50=percentile(values, 50),
-            p90=percentile(values, 90),
-            p99=percentile(values, 99),
+            p90=reported_percentile(values, 90),
+            p99=reported_percentile(values, 99),
             max=max(values),
         )
 
@@ -84,6 +103,10 @@ class RequestRecord:
     output_tokens: int
     prompt_tokens: int | None
     error: str | None = None
+    timeline: Timeline | None = None
+    """Where its time to first token went, as the engine recorded it (in-process runners only)."""
+    isolated_ttft_s: float | None = None
+    """TTFT of its prompt length on the idle target (see `benchmarks.calibration`); None when not measured."""
 
     @property
     def completed(self) -> bool:
@@ -94,6 +117,18 @@ class RequestRecord:
     def ttft_s(self) -> float | None:
         """Time to first token, None without one."""
         return None if self.first_token_s is None else self.first_token_s - self.sent_s
+
+    @property
+    def slowdown(self) -> float | None:
+        """TTFT over the isolated TTFT of its prompt length; None without either."""
+        ttft, isolated = self.ttft_s, self.isolated_ttft_s
+        return None if ttft is None or not isolated else ttft / isolated
+
+    @property
+    def client_lag_s(self) -> float | None:
+        """TTFT the client saw minus the TTFT the engine recorded; None without a timeline."""
+        ttft = self.ttft_s
+        return None if ttft is None or self.timeline is None else ttft - self.timeline.ttft_s
 
     @property
     def turnaround_s(self) -> float | None:
@@ -109,6 +144,43 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
+class Breakdown:
+    """Where a class's time to first token went, one distribution per part of `Timeline` (seconds; the last
+    three are counts). TTFT = own + foreign + other passes; `queued_s` overlaps them (arrival to first pass)."""
+
+    ttft_s: Distribution
+    queued_s: Distribution
+    own_pass_s: Distribution
+    foreign_pass_s: Distribution
+    other_s: Distribution
+    prefill_passes: Distribution
+    shared_tokens: Distribution
+    shared_requests: Distribution
+
+    @classmethod
+    def of(cls, timelines: Sequence[Timeline]) -> Breakdown | None:
+        """The breakdown of these timelines; None when there are none."""
+        if not timelines:
+            return None
+
+        def dist(values: list[float]) -> Distribution:
+            d = Distribution.of(values)
+            assert d is not None
+            return d
+
+        return cls(
+            ttft_s=dist([t.ttft_s for t in timelines]),
+            queued_s=dist([t.queued_s for t in timelines]),
+            own_pass_s=dist([t.own_pass_s for t in timelines]),
+            foreign_pass_s=dist([t.foreign_pass_s for t in timelines]),
+            other_s=dist([t.other_s for t in timelines]),
+            prefill_passes=dist([float(t.prefill_passes) for t in timelines]),
+            shared_tokens=dist([float(t.shared_tokens) for t in timelines]),
+            shared_requests=dist([float(t.shared_requests) for t in timelines]),
+        )
+
+
+@dataclass(frozen=True)
 class ClassMetrics:
     """One class's results."""
 
@@ -119,9 +191,13 @@ class ClassMetrics:
     slo_attainment: float | None
     """Fraction of this class's requests with TTFT <= slo; None when the class has no requests."""
     ttft: Distribution | None
+    slowdown: Distribution | None
+    """TTFT over the isolated TTFT of the same prompt length; None without a calibration."""
     turnaround: Distribution | None
     tpot: Distribution | None
     output_tokens: int
+    breakdown: Breakdown | None
+    """Where its TTFT went, over the requests with an engine timeline (in-process runners)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +213,9 @@ class RunMetrics:
     output_tokens_per_s: float
     max_send_lag_s: float
     """Largest delay between a request's scheduled and actual send: how faithfully the load was offered."""
+    send_lag: Distribution
+    client_lag: Distribution | None
+    """Client TTFT minus engine TTFT over the requests with a timeline (see the module docstring)."""
     ls: ClassMetrics
     be: ClassMetrics
     errors: tuple[str, ...]
@@ -157,9 +236,11 @@ def class_metrics(records: Sequence[RequestRecord], slo_s: float) -> ClassMetric
         failed=len(records) - len(done),
         slo_attainment=sum(1 for t in ttfts if t <= slo_s) / len(records) if records else None,
         ttft=Distribution.of(ttfts),
+        slowdown=Distribution.of([s for r in records if (s := r.slowdown) is not None]),
         turnaround=Distribution.of([t for r in done if (t := r.turnaround_s) is not None]),
         tpot=Distribution.of([t for r in done if (t := r.tpot_s) is not None]),
         output_tokens=sum(r.output_tokens for r in done),
+        breakdown=Breakdown.of([r.timeline for r in records if r.timeline is not None]),
     )
 
 
@@ -175,6 +256,8 @@ def summarize(records: Sequence[RequestRecord], slo_s: float) -> RunMetrics:
     duration = end - start
     tokens = sum(r.output_tokens for r in done)
     errors = sorted({r.error for r in records if r.error is not None})
+    send_lag = Distribution.of([max(0.0, r.sent_s - r.scheduled_s) for r in records])
+    assert send_lag is not None
     return RunMetrics(
         slo_s=float(slo_s),
         requests=len(records),
@@ -183,7 +266,9 @@ def summarize(records: Sequence[RequestRecord], slo_s: float) -> RunMetrics:
         duration_s=duration,
         requests_per_s=len(done) / duration if duration > 0 else 0.0,
         output_tokens_per_s=tokens / duration if duration > 0 else 0.0,
-        max_send_lag_s=max(0.0, *(r.sent_s - r.scheduled_s for r in records)),
+        max_send_lag_s=send_lag.max,
+        send_lag=send_lag,
+        client_lag=Distribution.of([lag for r in records if (lag := r.client_lag_s) is not None]),
         ls=class_metrics([r for r in records if r.priority == "ls"], slo_s),
         be=class_metrics([r for r in records if r.priority == "be"], slo_s),
         errors=tuple(errors[:5]),

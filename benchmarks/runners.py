@@ -1,10 +1,12 @@
 """Runners: send a workload open-loop and record what the client sees of each request.
 
 Open loop: each request is sent at its scheduled arrival time whether or not earlier ones have finished,
-so a slow server faces a growing queue rather than a politely waiting client. Two runners share the
+so a slow server faces a growing queue rather than a politely waiting client. The runners share the
 driver in `Runner.run` and differ only in how one request is streamed:
 
-- `EngineRunner`: a `qllm_core.Engine` in this process (any policy and granularity).
+- `benchmarks.engine_runner.EngineRunner`: a `qllm_core.Engine` in this process (any policy and granularity).
+- `benchmarks.child_runner.ChildRunner`: the same engine in a child process, its outputs streamed back
+  over a pipe, so the engine's thread does not share the client's interpreter (and GIL).
 - `HttpRunner`: any OpenAI-compatible `/v1/completions` endpoint, streaming server-sent events.
 
 Prompts are sent as token ids when the workload has them (text otherwise); decoding is greedy. The
@@ -23,13 +25,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from benchmarks.metrics import RequestRecord
 from benchmarks.workload import Priority, RequestSpec, Workload
-
-if TYPE_CHECKING:  # qllm_core (and torch) load only when an in-process run needs them
-    from qllm_core import Engine, EngineConfig
+from qllm_core.timeline import Timeline
 
 API_PRIORITY: dict[Priority, str] = {"ls": "latency_sensitive", "be": "best_effort"}
 """How a class is named on the wire (the `priority` field and the `x-qllm-priority` header)."""
@@ -55,6 +55,8 @@ class StreamEvent:
 
     output_tokens: int
     prompt_tokens: int | None = None
+    timeline: Timeline | None = None
+    """On the update carrying the first token, from an engine that records one."""
 
 
 @dataclass
@@ -69,6 +71,7 @@ class _Tracker:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    timeline: Timeline | None = None
 
     def record(self) -> RequestRecord:
         spec = self.spec
@@ -82,6 +85,7 @@ class _Tracker:
             output_tokens=self.output_tokens,
             prompt_tokens=self.prompt_tokens if self.prompt_tokens is not None else spec.prompt_len,
             error=self.error,
+            timeline=self.timeline,
         )
 
 
@@ -146,6 +150,8 @@ class Runner(ABC):
                     tracker.output_tokens = event.output_tokens
                 if event.prompt_tokens is not None:
                     tracker.prompt_tokens = event.prompt_tokens
+                if event.timeline is not None:
+                    tracker.timeline = event.timeline
             if tracker.output_tokens == 0:
                 tracker.error = "the stream ended without any output token"
             tracker.finished_s = tracker.last_token_s
@@ -164,7 +170,7 @@ class Runner(ABC):
         """Send a few small requests so first-call costs stay out of the measurements; fail loudly if they fail."""
         if requests <= 0:
             return
-        specs = _probe_specs(requests, prompt_len, max_tokens, token_range)
+        specs = probe_specs(requests, prompt_len, max_tokens, token_range)
         records = await self.run(Workload(specs, 1.0, "warmup"), drain_timeout_s=300.0)
         failed = [r.error for r in records if not r.completed]
         if failed:
@@ -191,7 +197,7 @@ class Runner(ABC):
                     last_t, last_n = now, event.output_tokens
 
         try:
-            await asyncio.gather(*(one(s) for s in _probe_specs(batch, prompt_len, max_tokens, token_range)))
+            await asyncio.gather(*(one(s) for s in probe_specs(batch, prompt_len, max_tokens, token_range)))
         except Exception as exc:
             raise BenchmarkError(f"{self.label}: decode calibration failed: {type(exc).__name__}: {exc}") from exc
         if not gaps:
@@ -199,48 +205,15 @@ class Runner(ABC):
         return statistics.median(gaps)
 
 
-def _probe_specs(n: int, prompt_len: int, max_tokens: int, token_range: tuple[int, int]) -> tuple[RequestSpec, ...]:
-    rng = random.Random(1234)  # fixed: calibration must not depend on the workload's seed
+def probe_specs(
+    n: int, prompt_len: int, max_tokens: int, token_range: tuple[int, int], seed: int = 1234
+) -> tuple[RequestSpec, ...]:
+    """`n` BE requests arriving at 0 with random prompts of `prompt_len` tokens, the same in every run."""
+    rng = random.Random(seed)  # fixed: calibration must not depend on the workload's seed
     return tuple(
         RequestSpec(i, 0.0, "be", max_tokens, tuple(rng.randrange(*token_range) for _ in range(prompt_len)))
         for i in range(n)
     )
-
-
-class EngineRunner(Runner):
-    """Runs a `qllm_core.Engine` in this process; the engine is built on `start` and shut down on `close`."""
-
-    def __init__(self, config: EngineConfig, label: str | None = None) -> None:
-        self.config = config
-        self.label = label if label is not None else f"{config.policy}:{config.granularity.value}"
-        self._engine: Engine | None = None
-
-    async def start(self) -> None:
-        from qllm_core import Engine as _Engine
-
-        if self._engine is None:
-            self._engine = _Engine(self.config)
-
-    async def close(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
-
-    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
-        """Stream one request through the engine (greedy, EOS ignored: exactly `max_tokens` tokens)."""
-        from qllm_core import SamplingParams
-
-        if self._engine is None:
-            raise BenchmarkError("the runner is not started; use `async with runner:`")
-        params = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
-        if spec.prompt_token_ids is not None:
-            outputs = self._engine.generate(
-                prompt_token_ids=list(spec.prompt_token_ids), params=params, priority=spec.priority
-            )
-        else:
-            outputs = self._engine.generate(prompt=spec.prompt_text, params=params, priority=spec.priority)
-        async for out in outputs:
-            yield StreamEvent(out.num_output_tokens, out.prompt_token_count)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,19 @@
-"""A sweep: every policy (or one HTTP endpoint) at every arrival rate, on the same seeded workloads.
+"""A sweep: every target (each policy in process, or one HTTP endpoint) at every rate and seed.
 
-Order of work: for each target, build it (an engine in this process, or an HTTP session), warm it up,
-then run each rate's workload in turn; the engine is shut down before the next target loads, so only
-one model is in memory. The SLO is given, or measured once at the start as `slo_factor` x one decode
-iteration of the first target (the paper sets its 3 s LS TTFT SLO to about 10x a decode iteration).
-Metrics are computed after all runs, once the SLO is known.
+Order of work:
+
+1. The dataset is read (with `dataset`), and one workload drawn per seed and rate.
+2. With `rates_of_capacity`, the rates are those fractions of a saturation rate (`benchmarks.capacity`):
+   given, or probed on fcfs (in process) or on the endpoint.
+3. For each seed, each rate and each target, in that order (the targets interleaved, so the VM's drift over
+   a long sweep falls on every target alike): the target is built (in this process one loaded model is shared
+   by every engine; a child process loads its own), warmed up, its isolated TTFT measured on the grid of
+   `benchmarks.calibration`, the workload sent, and the isolated TTFT measured again.
+4. The SLO is given, or measured once on the first target as `slo_factor` x one decode iteration (the paper
+   sets its 3 s LS TTFT SLO to about 10x a decode iteration). Metrics follow, once the SLO is known.
+
+With a `Checkpoint`, the decode iteration, the saturation rate and each finished run are written to disk as
+they are measured, and those already there are taken from it instead of measured again (`--resume`).
 """
 
 from __future__ import annotations
@@ -12,247 +21,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import math
-import os
-import platform
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from benchmarks.metrics import RequestRecord, RunMetrics, summarize
+from benchmarks.calibration import Calibration, Drift, calibration_grid, measure_isolated_ttft, workload_prompt_lens
+from benchmarks.capacity import CapacityProbe, probe_capacity
+from benchmarks.checkpoint import Checkpoint, Resumed, RunKey
+from benchmarks.child_runner import ChildRunner
+from benchmarks.engine_runner import EngineRunner
+from benchmarks.metrics import RequestRecord, summarize
 from benchmarks.progress import Progress
-from benchmarks.runners import EngineRunner, HttpRunner, HttpSettings, Runner
-from benchmarks.workload import Workload, WorkloadSettings, load_trace, poisson_workload
+from benchmarks.results import RunResult, SweepResult, machine_info
+from benchmarks.runners import HttpRunner, Runner
+from benchmarks.sharegpt import DatasetSummary, default_path, load_sharegpt, token_counter
+from benchmarks.sweep_settings import EngineHost, PolicySpec, SweepSettings
+from benchmarks.workload import PairPool, Workload
 
 if TYPE_CHECKING:
-    from qllm_core import EngineConfig
+    from qllm_core.models.registry import LoadedModel
 
-DEFAULT_GRANULARITY = {"fcfs": "iteration", "priority": "iteration", "qllm": "layer"}
-"""Granularity of a policy named without one: the baselines switch only between iterations."""
-
-_RESERVED_ENGINE_KEYS = ("model", "policy", "granularity")
-
-
-class SweepSettingsError(ValueError):
-    """A sweep setting is invalid or inconsistent; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A scheduling policy and its preemption granularity, written "policy[:granularity]"."""
-
-    policy: str
-    granularity: str
-
-    def __post_init__(self) -> None:
-        if not self.policy or not self.granularity:
-            raise SweepSettingsError("a policy needs a name and a granularity, e.g. 'qllm:layer'")
-
-    @property
-    def label(self) -> str:
-        """The name used in reports ("qllm:layer")."""
-        return f"{self.policy}:{self.granularity}"
-
-    @classmethod
-    def parse(cls, text: str) -> PolicySpec:
-        """Parse "fcfs", "priority", "qllm" or "qllm:expert" (a bare name takes its default granularity)."""
-        name, _, granularity = text.strip().partition(":")
-        if not name:
-            raise SweepSettingsError(f"empty policy in {text!r}; write e.g. 'fcfs' or 'qllm:expert'")
-        return cls(name, granularity or DEFAULT_GRANULARITY.get(name, "layer"))
-
-
-def parse_policies(text: str) -> tuple[PolicySpec, ...]:
-    """Parse a comma-separated list of policies."""
-    return tuple(PolicySpec.parse(p) for p in text.split(",") if p.strip())
-
-
-def parse_rates(text: str) -> tuple[float, ...]:
-    """Parse a comma-separated list of arrival rates (requests per second)."""
-    try:
-        return tuple(float(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        raise SweepSettingsError(f"rates must be comma-separated numbers, got {text!r}") from None
-
-
-def _positive(name: str, value: object, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(float(value)) or value <= 0:
-        what = "a positive integer" if integer else "a positive number"
-        raise SweepSettingsError(f"{name} must be {what}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """Everything a sweep needs. Targets are `policies` run in this process, or `endpoint` over HTTP."""
-
-    model: str = "tiny"
-    """In process: "tiny", "bench" or a checkpoint directory. Over HTTP: the `model` field sent."""
-    policies: tuple[PolicySpec, ...] = (PolicySpec("fcfs", "iteration"), PolicySpec("qllm", "layer"))
-    rates: tuple[float, ...] | None = None
-    """Arrival rates (requests/s). None: (1, 2, 4, 8), or with a trace its own recorded timing."""
-    workload: WorkloadSettings = field(default_factory=WorkloadSettings)
-    trace: Path | None = None
-    """Replay this JSONL trace instead of generating Poisson arrivals (rescaled to each rate, if any)."""
-    endpoint: str | None = None
-    endpoint_label: str = "endpoint"
-    extra_body: Mapping[str, Any] = field(default_factory=dict)
-    engine_overrides: Mapping[str, Any] = field(default_factory=dict)
-    """Further `EngineConfig` fields for in-process runs (device, dtype, max_batch_size, ...)."""
-    slo_s: float | None = None
-    """LS TTFT SLO; None measures it as slo_factor x one decode iteration."""
-    slo_factor: float = 10.0
-    calibration_batch: int = 8
-    calibration_prompt_len: int = 64
-    calibration_tokens: int = 16
-    warmup_requests: int = 2
-    drain_timeout_s: float = 120.0
-    """After a run's last arrival, wait at most this long for its requests; the rest count as failed."""
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rates is None and self.trace is None:
-            object.__setattr__(self, "rates", (1.0, 2.0, 4.0, 8.0))
-        if self.rates is not None:
-            if not self.rates:
-                raise SweepSettingsError("give at least one rate")
-            for rate in self.rates:
-                _positive("every rate", rate)
-            if len(set(self.rates)) != len(self.rates):
-                raise SweepSettingsError(f"rates repeat: {self.rates}; list each once")
-        if self.trace is not None and (self.workload.duration_s is not None or self.workload.num_requests is not None):
-            raise SweepSettingsError("a trace sets its own requests; leave out num_requests and duration")
-        if self.slo_s is not None:
-            _positive("slo_s", self.slo_s)
-        for name in ("slo_factor", "drain_timeout_s"):
-            _positive(name, getattr(self, name))
-        for name in ("calibration_batch", "calibration_prompt_len"):
-            _positive(name, getattr(self, name), integer=True)
-        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int):
-            raise SweepSettingsError("calibration_tokens must be an integer >= 2")
-        if self.calibration_tokens < 2:
-            raise SweepSettingsError("calibration_tokens must be >= 2 (a decode gap needs two tokens)")
-        if isinstance(self.warmup_requests, bool) or not isinstance(self.warmup_requests, int):
-            raise SweepSettingsError("warmup_requests must be an integer >= 0")
-        if self.warmup_requests < 0:
-            raise SweepSettingsError("warmup_requests must be >= 0")
-        if self.endpoint is not None:
-            if self.engine_overrides:
-                raise SweepSettingsError("engine settings do not apply to an HTTP endpoint; set them on the server")
-            self.http_settings()  # validates the URL and the extra body
-            return
-        if self.extra_body:
-            raise SweepSettingsError("extra_body applies only to an HTTP endpoint")
-        if not self.policies:
-            raise SweepSettingsError("give at least one policy, e.g. 'fcfs,qllm:layer'")
-        labels = [p.label for p in self.policies]
-        if len(set(labels)) != len(labels):
-            raise SweepSettingsError(f"policies repeat: {labels}; list each once")
-        clash = sorted(set(_RESERVED_ENGINE_KEYS) & set(self.engine_overrides))
-        if clash:
-            raise SweepSettingsError(f"engine settings may not set {clash}; use model and policies instead")
-        for spec in self.policies:
-            self.engine_config(spec)  # raises qllm_core's ConfigError (a ValueError) naming the bad field
-
-    def engine_config(self, spec: PolicySpec) -> EngineConfig:
-        """The engine settings of one policy."""
-        from qllm_core import EngineConfig
-
-        values = {"model": self.model, "policy": spec.policy, "granularity": spec.granularity}
-        return EngineConfig.from_dict({**values, **self.engine_overrides})
-
-    def http_settings(self) -> HttpSettings:
-        """The HTTP runner settings (only with an endpoint)."""
-        if self.endpoint is None:
-            raise SweepSettingsError("no endpoint is set")
-        return HttpSettings(self.endpoint, self.model, self.endpoint_label, dict(self.extra_body))
-
-    def workloads(self) -> list[Workload]:
-        """One workload per rate (all from the same seed), or the trace as recorded."""
-        if self.trace is not None:
-            w = self.workload
-            base = load_trace(self.trace, seed=w.seed, token_range=(w.token_low, w.token_high))
-            return [base] if self.rates is None else [base.scaled_to(r) for r in self.rates]
-        assert self.rates is not None
-        return [poisson_workload(self.workload, rate) for rate in self.rates]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly copy (for the results file)."""
-        return _jsonable(dataclasses.asdict(self))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """One target at one rate: the offered workload, the metrics and every request's record."""
-
-    label: str
-    policy: str | None
-    granularity: str | None
-    rate: float
-    workload: dict[str, Any]
-    metrics: RunMetrics
-    requests: tuple[RequestRecord, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly copy."""
-        return _jsonable(dataclasses.asdict(self))
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """Every run of a sweep with what is needed to read it: model, SLO, machine and settings."""
-
-    model: str
-    target: str
-    """"engine" (in process) or the endpoint URL."""
-    slo_s: float
-    slo_source: str
-    """"given" or "measured" (slo_factor x decode_iteration_s)."""
-    decode_iteration_s: float
-    machine: dict[str, Any]
-    settings: dict[str, Any]
-    started_at: str
-    wall_s: float
-    runs: tuple[RunResult, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly copy; `records` holds one entry per rate x target."""
-        meta = {k: v for k, v in dataclasses.asdict(self).items() if k != "runs"}
-        return {"meta": _jsonable(meta), "records": [r.to_dict() for r in self.runs]}
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the client ran: platform, CPUs, Python and torch (and the GPU, if torch sees one)."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        # Containers often pin fewer cores than the host has.
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-    }
-    try:
-        import torch
-    except ImportError:
-        info["torch"] = None
-        return info
-    info["torch"] = torch.__version__
-    info["torch_threads"] = torch.get_num_threads()
-    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return info
+CAPACITY_PROBE_TIMEOUT_S = 1800.0
+"""Longest the capacity probe may take after its burst: a bound, so a stuck target cannot hang the sweep."""
 
 
 @dataclass(frozen=True)
@@ -261,58 +51,166 @@ class _Target:
     policy: PolicySpec | None
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """One run to make: a workload for a target, and the fraction of capacity its rate is (if any)."""
+
+    target: _Target
+    seed: int
+    workload: Workload
+    rate_of_capacity: float | None
+
+    @property
+    def key(self) -> RunKey:
+        """How the checkpoint names this run."""
+        return self.target.label, self.seed, self.workload.rate
+
+
 def _targets(settings: SweepSettings) -> list[_Target]:
     if settings.endpoint is not None:
         return [_Target(settings.endpoint_label, None)]
     return [_Target(p.label, p) for p in settings.policies]
 
 
-def _runner(settings: SweepSettings, target: _Target) -> Runner:
-    if target.policy is None:
-        return HttpRunner(settings.http_settings())
-    return EngineRunner(settings.engine_config(target.policy), target.label)
+class _Runners:
+    """Builds each run's runner; in this process, every engine shares one loaded model."""
+
+    def __init__(self, settings: SweepSettings) -> None:
+        self.settings = settings
+        self._loaded: LoadedModel | None = None
+
+    def __call__(self, target: _Target) -> Runner:
+        settings = self.settings
+        if target.policy is None:
+            return HttpRunner(settings.http_settings())
+        config = settings.engine_config(target.policy)
+        if settings.engine_host is EngineHost.CHILD:
+            return ChildRunner(config, target.label)
+        if self._loaded is None:
+            from qllm_core.models.registry import load_model
+
+            self._loaded = load_model(config)  # policy and granularity do not shape the loaded model
+        return EngineRunner(config, target.label, self._loaded)
 
 
-async def run_sweep_async(settings: SweepSettings) -> SweepResult:
+def _dataset(settings: SweepSettings) -> tuple[DatasetSummary, PairPool] | None:
+    ds = settings.dataset
+    if ds is None:
+        return None
+    from qllm_core.config import BUILTIN_MODELS
+
+    counter = token_counter(settings.model, ds.token_counting, BUILTIN_MODELS)
+    data = load_sharegpt(ds.path if ds.path is not None else default_path(), counter)
+    return data.summary, data.pool(counter, ds.max_tokens_cap)
+
+
+async def _capacity(settings: SweepSettings, runners: _Runners, pool: PairPool | None) -> CapacityProbe | None:
+    if settings.rates_of_capacity is None:
+        return None
+    if settings.capacity_rps is not None:
+        return CapacityProbe.given(settings.capacity_rps)
+    spec = settings.capacity_policy
+    target = _targets(settings)[0] if settings.endpoint is not None else _Target(spec.label, spec)
+    async with runners(target) as runner:
+        await runner.warmup(settings.warmup_requests, token_range=_token_range(settings))
+        return await probe_capacity(runner, settings.probe_workload(pool), CAPACITY_PROBE_TIMEOUT_S)
+
+
+def _token_range(settings: SweepSettings) -> tuple[int, int]:
+    return settings.workload.token_low, settings.workload.token_high
+
+
+def _plan(settings: SweepSettings, capacity: CapacityProbe | None, pool: PairPool | None) -> list[_Planned]:
+    fractions: tuple[float | None, ...]
+    if settings.rates_of_capacity is not None:
+        assert capacity is not None
+        fractions = settings.rates_of_capacity
+        rates: tuple[float, ...] | None = tuple(f * capacity.rate_rps for f in settings.rates_of_capacity)
+    else:
+        rates = settings.rates
+        fractions = (None,) * (1 if rates is None else len(rates))
+    plan: list[_Planned] = []
+    for seed in settings.seeds:
+        for workload, fraction in zip(settings.workloads(rates, seed, pool), fractions, strict=True):
+            plan += [_Planned(t, seed, workload, fraction) for t in _targets(settings)]
+    return plan
+
+
+def _with_isolated(records: list[RequestRecord], calibration: Calibration | None) -> list[RequestRecord]:
+    if calibration is None:
+        return records
+    return [
+        r if r.prompt_tokens is None else dataclasses.replace(r, isolated_ttft_s=calibration.before.at(r.prompt_tokens))
+        for r in records
+    ]
+
+
+async def run_sweep_async(settings: SweepSettings, checkpoint: Checkpoint | None = None) -> SweepResult:
     """Run the sweep (see the module docstring); returns every run's metrics and records."""
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     t0 = time.monotonic()
-    workloads = settings.workloads()
-    targets = _targets(settings)
-    token_range = (settings.workload.token_low, settings.workload.token_high)
-    decode_s: float | None = None
-    raw: list[tuple[_Target, Workload, list[RequestRecord]]] = []
-    total = len(targets) * sum(len(w.requests) for w in workloads)
-    with Progress(total, enabled=settings.progress) as progress:
-        for target in targets:
-            progress.describe(f"{target.label}: starting")
-            async with _runner(settings, target) as runner:
+    resumed = checkpoint.load() if checkpoint is not None else Resumed()
+    dataset = _dataset(settings)
+    pool = None if dataset is None else dataset[1]
+    runners = _Runners(settings)
+    token_range = _token_range(settings)
+    capacity = resumed.capacity or await _capacity(settings, runners, pool)
+    plan = _plan(settings, capacity, pool)
+    lens = workload_prompt_lens([p.workload for p in plan])
+    grid = calibration_grid(lens, settings.isolated_points) if lens else None
+    decode_s = resumed.decode_iteration_s
+    raw: list[tuple[_Planned, list[RequestRecord], Calibration | None]] = []
+    todo = [p for p in plan if p.key not in resumed.runs]
+    with Progress(sum(len(p.workload.requests) for p in todo), enabled=settings.progress) as progress:
+        for planned in plan:
+            done = resumed.runs.get(planned.key)
+            if done is not None:
+                raw.append((planned, done.records, done.calibration))
+                continue
+            where = f"{planned.target.label} @ {planned.workload.rate:.3g} req/s, seed {planned.seed}"
+            progress.describe(f"{where}: starting")
+            async with runners(planned.target) as runner:
                 await runner.warmup(settings.warmup_requests, token_range=token_range)
                 if decode_s is None:
-                    progress.describe(f"{target.label}: timing a decode iteration")
+                    progress.describe(f"{where}: timing a decode iteration")
                     decode_s = await runner.measure_decode_iteration(
                         settings.calibration_batch,
                         settings.calibration_prompt_len,
                         settings.calibration_tokens,
                         token_range,
                     )
-                for workload in workloads:
-                    progress.describe(f"{target.label} @ {workload.rate:g} req/s")
-                    records = await runner.run(workload, settings.drain_timeout_s, on_done=progress.update)
-                    raw.append((target, workload, records))
+                    if checkpoint is not None:
+                        checkpoint.write_header(decode_s, capacity)
+                calibration = None
+                if grid is not None:
+                    progress.describe(f"{where}: isolated TTFT before")
+                    before = await measure_isolated_ttft(runner, grid, settings.isolated_trials, token_range)
+                progress.describe(where)
+                records = await runner.run(planned.workload, settings.drain_timeout_s, on_done=progress.update)
+                if grid is not None:
+                    progress.describe(f"{where}: isolated TTFT after")
+                    after = await measure_isolated_ttft(runner, grid, settings.isolated_trials, token_range)
+                    calibration = Calibration(before, after, Drift.between(before, after))
+            records = _with_isolated(records, calibration)
+            if checkpoint is not None:
+                checkpoint.write_run(planned.key, records, calibration)
+            raw.append((planned, records, calibration))
     assert decode_s is not None
     slo_s = settings.slo_s if settings.slo_s is not None else settings.slo_factor * decode_s
     runs = tuple(
         RunResult(
-            label=target.label,
-            policy=None if target.policy is None else target.policy.policy,
-            granularity=None if target.policy is None else target.policy.granularity,
-            rate=workload.rate,
-            workload=workload.summary(),
+            label=p.target.label,
+            policy=None if p.target.policy is None else p.target.policy.policy,
+            granularity=None if p.target.policy is None else p.target.policy.granularity,
+            rate=p.workload.rate,
+            rate_of_capacity=p.rate_of_capacity,
+            seed=p.seed,
+            workload=p.workload.summary(),
             metrics=summarize(records, slo_s),
+            calibration=calibration,
             requests=tuple(records),
         )
-        for target, workload, records in raw
+        for p, records, calibration in raw
     )
     return SweepResult(
         model=settings.model,
@@ -321,13 +219,15 @@ async def run_sweep_async(settings: SweepSettings) -> SweepResult:
         slo_source="given" if settings.slo_s is not None else "measured",
         decode_iteration_s=decode_s,
         machine=machine_info(),
-        settings=settings.to_dict(),
+        settings=settings,
         started_at=started_at,
         wall_s=time.monotonic() - t0,
+        capacity=capacity,
+        dataset=None if dataset is None else dataset[0],
         runs=runs,
     )
 
 
-def run_sweep(settings: SweepSettings) -> SweepResult:
+def run_sweep(settings: SweepSettings, checkpoint: Checkpoint | None = None) -> SweepResult:
     """Run the sweep on a fresh event loop (for callers outside asyncio)."""
-    return asyncio.run(run_sweep_async(settings))
+    return asyncio.run(run_sweep_async(settings, checkpoint))

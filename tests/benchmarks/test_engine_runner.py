@@ -1,4 +1,5 @@
-"""The in-process runner on the tiny model: runs are bounded in time, failures are reported, not hidden."""
+"""The in-process runners on the tiny model (the engine on a thread, and in a child process): runs are bounded
+in time, failures are reported, not hidden, and each request's engine timeline comes back."""
 
 from __future__ import annotations
 
@@ -6,19 +7,24 @@ import time
 
 import pytest
 
-from benchmarks.runners import BenchmarkError, EngineRunner
+from benchmarks.child_runner import ChildRunner
+from benchmarks.engine_runner import EngineRunner
+from benchmarks.runners import BenchmarkError, Runner
 from benchmarks.workload import RequestSpec, Workload
 from qllm_core import EngineConfig
+
+RUNNERS = [EngineRunner, ChildRunner]
 
 
 def _config() -> EngineConfig:
     return EngineConfig(model="tiny", device="cpu", policy="qllm", granularity="layer")
 
 
-async def test_drain_timeout_bounds_a_run_and_frees_the_engine() -> None:
+@pytest.mark.parametrize("make", RUNNERS)
+async def test_drain_timeout_bounds_a_run_and_frees_the_engine(make: type[Runner]) -> None:
     # Two requests far longer than the timeout (thousands of decode steps each).
     long = tuple(RequestSpec(i, 0.0, "be", 3000, prompt_token_ids=(5, 6, 7)) for i in range(2))
-    async with EngineRunner(_config()) as runner:
+    async with make(_config()) as runner:  # type: ignore[call-arg]
         start = time.monotonic()
         records = await runner.run(Workload(long, 1.0, "test"), drain_timeout_s=0.5)
         assert time.monotonic() - start < 5.0
@@ -37,7 +43,30 @@ async def test_warmup_failure_is_loud_and_calibration_measures_a_decode_step() -
     assert 0 < decode_s < 0.5
 
 
-async def test_runner_must_be_started() -> None:
-    runner = EngineRunner(_config())
+@pytest.mark.parametrize("make", RUNNERS)
+async def test_runner_must_be_started(make: type[Runner]) -> None:
+    runner = make(_config())  # type: ignore[call-arg]
     (record,) = await runner.run(Workload((RequestSpec(0, 0.0, "ls", 2, (4,)),), 1.0, "test"), 5.0)
     assert record.error is not None and "not started" in record.error
+
+
+@pytest.mark.parametrize("make", RUNNERS)
+async def test_each_request_brings_back_the_engine_timeline_of_its_first_token(make: type[Runner]) -> None:
+    specs = tuple(
+        RequestSpec(i, 0.01 * i, "ls" if i % 2 else "be", 3, prompt_token_ids=tuple(range(5, 5 + 8 * (i + 1))))
+        for i in range(4)
+    )
+    async with make(_config(), label="tiny") as runner:  # type: ignore[call-arg]
+        records = await runner.run(Workload(specs, 100.0, "test"), drain_timeout_s=30)
+        # A request the engine rejects fails as data, and the runner goes on serving.
+        (bad,) = await runner.run(Workload((RequestSpec(0, 0.0, "ls", 2, (900,)),), 1.0, "test"), 10.0)
+    assert bad.error is not None and not bad.completed
+    for record, spec in zip(records, specs, strict=True):
+        assert record.completed and record.output_tokens == 3, record.error
+        t = record.timeline
+        assert t is not None and record.ttft_s is not None
+        assert record.prompt_tokens == spec.prompt_len
+        assert t.prefill_passes >= 1 and t.own_pass_s > 0
+        # The engine's clock starts after the client's send and stops before the client sees the token.
+        assert 0 < t.ttft_s <= record.ttft_s
+        assert t.queued_s <= t.ttft_s and t.own_pass_s + t.foreign_pass_s <= t.ttft_s + 1e-9

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from benchmarks.report import JSON_NAME, write_outputs
 from benchmarks.runners import API_PRIORITY, HttpRunner, HttpSettings
-from benchmarks.sweep import SweepSettings, run_sweep
+from benchmarks.sweep import run_sweep
+from benchmarks.sweep_settings import SweepSettings
 from benchmarks.workload import LengthDistribution, RequestSpec, Workload, WorkloadSettings, poisson_workload
 from qllm_core import Engine, EngineConfig, InvalidRequestError, RequestOutput, SamplingParams
 
@@ -165,6 +166,8 @@ def test_sweep_against_the_endpoint_writes_results(server: Server, tmp_path: Pat
         rates=(40.0,),
         workload=SMALL,
         slo_s=0.5,
+        isolated_points=2,
+        isolated_trials=1,
         warmup_requests=1,
         calibration_batch=2,
         calibration_tokens=4,
@@ -179,4 +182,8 @@ def test_sweep_against_the_endpoint_writes_results(server: Server, tmp_path: Pat
     (record,) = data["records"]
     assert record["label"] == "tiny-server" and record["policy"] is None and record["rate"] == 40.0
     assert record["metrics"]["completed"] == 8 and record["metrics"]["failed"] == 0
-    assert (tmp_path / "ls_ttft.png").stat().st_size > 0
+    # The isolated TTFT is measured through the endpoint too, so slowdowns exist; timelines do not travel.
+    assert len(record["calibration"]["before"]["ttft_s"]) == 2
+    assert all(q["slowdown"] > 0 and q["timeline"] is None for q in record["requests"])
+    assert record["metrics"]["ls"]["breakdown"] is None
+    assert (tmp_path / "ls_ttft.png").stat().st_size > 0 and (tmp_path / "ls_slowdown_cdf.png").stat().st_size > 0

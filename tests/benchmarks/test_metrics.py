@@ -7,7 +7,16 @@ import random
 import numpy as np
 import pytest
 
-from benchmarks.metrics import Distribution, MetricsError, RequestRecord, percentile, summarize
+from benchmarks.metrics import (
+    Breakdown,
+    Distribution,
+    MetricsError,
+    RequestRecord,
+    min_samples,
+    percentile,
+    summarize,
+)
+from qllm_core.timeline import Timeline
 
 
 @pytest.mark.parametrize(
@@ -41,12 +50,21 @@ def test_percentile_rejects_undefined_input() -> None:
         percentile([1.0], 101)
 
 
-def test_distribution() -> None:
+def test_distribution_reports_a_percentile_only_from_enough_samples() -> None:
     d = Distribution.of([3.0, 1.0, 2.0])
     assert d is not None
     assert (d.count, d.mean, d.p50, d.max) == (3, 2.0, 2.0, 3.0)
-    assert (d.p90, d.p99) == pytest.approx((2.8, 2.98))
+    assert (d.p90, d.p99) == (None, None)  # 3 samples say nothing about the top 10% or 1%
     assert Distribution.of([]) is None
+    rng = random.Random(1)
+    for n, has_p90, has_p99 in [(9, False, False), (10, True, False), (99, True, False), (100, True, True)]:
+        values = [rng.random() for _ in range(n)]
+        d = Distribution.of(values)
+        assert d is not None
+        assert (d.p90 is not None, d.p99 is not None) == (has_p90, has_p99)
+        if d.p99 is not None:
+            assert d.p99 == pytest.approx(float(np.percentile(values, 99)))
+    assert (min_samples(50), min_samples(90), min_samples(99), min_samples(99.9)) == (1, 10, 100, 1000)
 
 
 def rec(
@@ -57,8 +75,48 @@ def rec(
     done: float | None,
     tokens: int,
     error: str | None = None,
+    timeline: Timeline | None = None,
+    isolated: float | None = None,
 ) -> RequestRecord:
-    return RequestRecord(i, priority, sent, sent, first, done, tokens, 10, error)  # type: ignore[arg-type]
+    return RequestRecord(i, priority, sent, sent, first, done, tokens, 10, error, timeline, isolated)  # type: ignore[arg-type]
+
+
+def _timeline(ttft: float, queued: float, own: float, foreign: float, passes: int = 1) -> Timeline:
+    return Timeline(ttft, queued, passes, own, foreign, shared_tokens=7 * passes, shared_requests=passes)
+
+
+def test_slowdown_divides_ttft_by_the_isolated_ttft_of_its_prompt_length() -> None:
+    records = [
+        rec(0, "ls", 0.0, 0.3, 1.0, 4, isolated=0.1),  # 3x
+        rec(1, "ls", 1.0, 1.1, 2.0, 4, isolated=0.1),  # 1x, the physical limit
+        rec(2, "ls", 2.0, None, None, 0, "timed out", isolated=0.1),  # no first token: no slowdown
+        rec(3, "be", 0.0, 2.0, 3.0, 4, isolated=0.5),  # 4x
+        rec(4, "be", 0.0, 2.0, 3.0, 4),  # not calibrated
+    ]
+    assert [r.slowdown for r in records] == pytest.approx([3.0, 1.0, None, 4.0, None])  # type: ignore[list-item]
+    m = summarize(records, slo_s=1.0)
+    assert m.ls.slowdown is not None and m.be.slowdown is not None
+    assert (m.ls.slowdown.count, m.ls.slowdown.p50, m.ls.slowdown.max) == (2, pytest.approx(2.0), pytest.approx(3.0))
+    assert (m.be.slowdown.count, m.be.slowdown.mean) == (1, pytest.approx(4.0))
+    assert summarize([rec(0, "ls", 0.0, 0.1, 0.2, 2)], slo_s=1.0).ls.slowdown is None
+
+
+def test_breakdown_summarises_each_part_of_the_engine_timelines() -> None:
+    records = [
+        rec(0, "ls", 0.0, 0.50, 1.0, 2, timeline=_timeline(0.45, 0.20, 0.10, 0.30)),
+        rec(1, "ls", 1.0, 1.25, 2.0, 2, timeline=_timeline(0.20, 0.05, 0.15, 0.00, passes=2)),
+        rec(2, "ls", 2.0, 2.10, 3.0, 2),  # no timeline (an HTTP target): left out of the breakdown
+    ]
+    m = summarize(records, slo_s=1.0)
+    b = m.ls.breakdown
+    assert b is not None and b.ttft_s.count == 2
+    assert b.own_pass_s.mean == pytest.approx(0.125) and b.foreign_pass_s.max == pytest.approx(0.30)
+    assert b.other_s.mean == pytest.approx(((0.45 - 0.10 - 0.30) + (0.20 - 0.15)) / 2)
+    assert b.prefill_passes.mean == pytest.approx(1.5) and b.shared_tokens.max == pytest.approx(14)
+    assert m.be.breakdown is None and Breakdown.of([]) is None
+    # Client lag: the client's TTFT over the engine's, per request with a timeline.
+    assert m.client_lag is not None and m.client_lag.count == 2
+    assert m.client_lag.mean == pytest.approx(((0.50 - 0.45) + (0.25 - 0.20)) / 2)
 
 
 def test_summary_per_class_and_overall() -> None:
@@ -95,7 +153,7 @@ def test_summary_of_a_class_without_requests_and_send_lag() -> None:
     late = RequestRecord(0, "be", 1.0, 1.25, 1.5, 2.0, 3, None)
     m = summarize([late], slo_s=1.0)
     assert m.ls.requests == 0 and m.ls.slo_attainment is None and m.ls.ttft is None
-    assert m.max_send_lag_s == pytest.approx(0.25)
+    assert m.max_send_lag_s == pytest.approx(0.25) and m.send_lag.mean == pytest.approx(0.25)
     assert m.be.ttft is not None and m.be.ttft.mean == pytest.approx(0.25)  # measured from the actual send
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.trace import TraceError, load_trace, write_trace
 from benchmarks.workload import (
     LengthDistribution,
-    TraceError,
+    LengthPair,
+    PairPool,
     Workload,
     WorkloadError,
     WorkloadSettings,
-    load_trace,
     poisson_workload,
-    write_trace,
 )
 
 N = 3000
@@ -105,8 +105,12 @@ def test_duration_mode_counts_and_caps() -> None:
 
 
 def test_settings_errors_say_what_to_fix() -> None:
-    with pytest.raises(WorkloadError, match="not both"):
+    with pytest.raises(WorkloadError, match="not several"):
         WorkloadSettings(num_requests=5, duration_s=1.0)
+    with pytest.raises(WorkloadError, match="not several"):
+        WorkloadSettings(ls_requests=5, duration_s=1.0)
+    with pytest.raises(WorkloadError, match="ls_share > 0"):
+        WorkloadSettings(ls_requests=5, ls_share=0.0)
     with pytest.raises(WorkloadError, match="ls_share"):
         WorkloadSettings(ls_share=1.5)
     with pytest.raises(WorkloadError, match="below the cap"):
@@ -115,6 +119,33 @@ def test_settings_errors_say_what_to_fix() -> None:
         WorkloadSettings(num_requests=5000, max_requests=100)
     with pytest.raises(WorkloadError, match="rate"):
         poisson_workload(WorkloadSettings(), 0.0)
+
+
+def test_ls_requests_mode_generates_until_that_many_ls_arrived() -> None:
+    settings = WorkloadSettings(ls_requests=40, ls_share=0.2, seed=7)
+    w = poisson_workload(settings, 5.0)
+    assert w.count("ls") == 40
+    assert w.requests[-1].priority == "ls"  # it stops at the 40th LS arrival
+    assert len(poisson_workload(WorkloadSettings(ls_requests=40, max_requests=60, seed=7), 5.0).requests) == 60
+
+
+def test_a_pair_pool_sets_the_lengths_and_caps_the_replies() -> None:
+    pairs = (LengthPair(5, 300), LengthPair(12, 7), LengthPair(30, 64))
+    pool = PairPool(pairs, "test pairs", max_tokens_cap=50)
+    w = poisson_workload(WorkloadSettings(num_requests=300, seed=2, token_low=10, token_high=20), 4.0, pool)
+    drawn = {(r.prompt_len, r.max_tokens) for r in w.requests}
+    assert drawn == {(5, 50), (12, 7), (30, 50)}  # every pair drawn; replies over the cap ask for the cap
+    assert all(10 <= t < 20 for r in w.requests for t in r.prompt_token_ids or ())
+    assert "test pairs" in w.source
+    assert poisson_workload(WorkloadSettings(num_requests=300, seed=2), 4.0, pool).requests[0].prompt_len in (5, 12, 30)
+
+
+def test_a_pool_with_an_encoder_sends_the_real_prompt_ids() -> None:
+    pool = PairPool((LengthPair(3, 9, "abc"),), "text", encode=lambda text: [ord(c) for c in text])
+    (r,) = poisson_workload(WorkloadSettings(num_requests=1), 1.0, pool).requests
+    assert r.prompt_token_ids == (97, 98, 99) and r.max_tokens == 9
+    with pytest.raises(WorkloadError, match="no \\(prompt, reply\\) pairs"):
+        PairPool((), "empty")
 
 
 def _write(path: Path, rows: list[object]) -> Path:
