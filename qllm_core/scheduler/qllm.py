@@ -3,9 +3,9 @@ one expert span) of other work, and LS decodes for at most one layer of a long B
 
 What a waiting LS prompt does to the running pass:
 - a pass without an LS prefill (BE work, decodes of either class) is suspended at its next preemption
-  point. When the LS pass reaches the layer where a cheap suspended pass stopped (no more tokens than a
-  decode batch, or than the LS pass itself), it merges into it and they finish together: a decode pass
-  costs the LS prompt nothing, and the decodes wait only for the LS prompt to catch up;
+  point, and resumed after the LS pass. Decode passes too: on a CPU one decode iteration is as long as a
+  short prompt's whole prefill. (Merging the LS pass into the suspended one where it stopped,
+  `merge_ls_into_be`, measured worse: the decodes' rows then ride through the LS prompt's last layers.);
 - a pass with an LS prefill is suspended only when it is long (over `chunk_tokens`) and a much shorter LS
   prompt waits (shortest remaining work first: a short prompt behind a long one is what multiplies TTFT
   over its isolated value). A short LS pass is not: it ends soon, and preempting it for every newcomer
@@ -97,22 +97,16 @@ class QllmPolicy(Policy):
         return bool(view.ready[LS]) and not running.has_ls and long_pass
 
     def may_preempt(self, info: PassInfo) -> bool:
-        """Every pass: decode passes too (an LS prompt merges into them), and LS prefills (for a far shorter one)."""
+        """Every pass: decode passes too, and LS prefills (for a far shorter LS prompt)."""
         return True
 
     def points(self, info: PassInfo) -> Granularity:
         """Expert-level points only for BE-only passes longer than a decode batch: an LS pass, or a decode-sized
-        one, stops at layer boundaries (where merging happens) and runs its experts fused."""
+        one (a layer of which is short), stops at layer boundaries and runs its experts fused."""
         configured = self.config.granularity
         if configured is Granularity.EXPERT and (info.has_ls or info.num_tokens <= self.config.max_batch_size):
             return Granularity.LAYER
         return configured
-
-    def should_merge(self, active: PassInfo, suspended: PassInfo) -> bool:
-        """Merge into a cheap suspended pass: no more tokens than a decode batch or than the running pass."""
-        if self.config.merge_ls_into_be:
-            return True
-        return suspended.num_tokens <= max(self.config.max_batch_size, active.num_tokens)
 
     def should_resume(self, view: SchedulerView) -> bool:
         """Resume once no LS prompt waits (a suspended LS prefill: once none far shorter waits), or once aged."""

@@ -183,8 +183,8 @@ def test_qllm_stops_a_be_prefill_between_experts_and_a_decode_pass_between_layer
     assert not any(stage is Stage.EXPERT_SPAN for _, stage, _ in decode.executed)
 
 
-def test_an_ls_prompt_merges_into_the_decode_pass_it_preempted() -> None:
-    core = _core(granularity="layer", policy="qllm", dtype="float64")
+def test_an_ls_prompt_merges_into_the_decode_pass_it_preempted_when_merging_is_on() -> None:
+    core = _core(granularity="layer", policy="qllm", dtype="float64", merge_ls_into_be=True)
     reference = _core(granularity="iteration", policy="fcfs", dtype="float64")
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     for c in (core, reference):

@@ -91,11 +91,10 @@ def test_qllm_preempts_any_pass_without_an_ls_prefill_for_a_waiting_ls_prompt() 
     ls_prompt = req("ls", LS, 0.5)
     assert policy.should_preempt(view([ls_prompt], running=running_pass({BE})))
     assert policy.should_preempt(view([ls_prompt], running=running_pass({LS, BE}, ls_prefill=False)))
-    # A decode pass too: the LS pass merges into it where it stopped, so it costs the LS prompt nothing.
+    # A decode pass too: on a CPU a decode iteration is as long as a short prompt's prefill.
     decodes = running_pass({LS, BE}, tokens=4)
     assert policy.should_preempt(view([ls_prompt], running=decodes))
-    assert policy.should_merge(running_pass({LS}, tokens=10), decodes)
-    assert not policy.should_merge(running_pass({LS}, tokens=10), running_pass({BE}, tokens=400))
+    assert not policy.should_merge(running_pass({LS}, tokens=10), decodes), "merging is opt-in"
 
 
 def test_qllm_preempts_an_ls_prefill_only_for_a_far_shorter_ls_prompt() -> None:
