@@ -30,9 +30,10 @@ class KVLayout:
 class KVCache:
     """Paged KV memory for every layer: `num_blocks` blocks of `block_size` token slots each.
 
-    K and V for layer `l` live in `k[l]` / `v[l]`, shaped (num_slots, kv_heads, head_dim); a request owns
-    a list of blocks (its block table) and token position `p` lives in slot
-    `table[p // block_size] * block_size + p % block_size`.
+    K and V for layer `l` live in `k[l]` / `v[l]`, shaped (num_slots, kv_heads, k_head_dim) and
+    (num_slots, kv_heads, v_head_dim): the widths differ in multi-head latent attention (DeepSeek-V2/V3,
+    whose keys carry a rotary part the values lack). A request owns a list of blocks (its block table)
+    and token position `p` lives in slot `table[p // block_size] * block_size + p % block_size`.
     """
 
     def __init__(
@@ -44,12 +45,14 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        v_head_dim: int | None = None,
     ) -> None:
+        """`v_head_dim`: the values' width when it differs from the keys' (`head_dim`)."""
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        slots = (num_layers, num_blocks * block_size, num_kv_heads)
+        self.k = torch.zeros((*slots, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros((*slots, v_head_dim or head_dim), dtype=dtype, device=device)
         self.device = device
         # Popping from the end hands out low block ids first, which keeps tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
@@ -62,9 +65,16 @@ class KVCache:
         cls, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
         """A pool shaped for a model's KV layout."""
-        if layout.k_head_dim != layout.v_head_dim:
-            raise NotImplementedError("K and V of different widths are not supported yet")
-        return cls(layout.num_layers, layout.num_kv_heads, layout.k_head_dim, num_blocks, block_size, dtype, device)
+        return cls(
+            layout.num_layers,
+            layout.num_kv_heads,
+            layout.k_head_dim,
+            num_blocks,
+            block_size,
+            dtype,
+            device,
+            v_head_dim=layout.v_head_dim,
+        )
 
     @property
     def free_blocks(self) -> int:

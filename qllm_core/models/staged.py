@@ -1,8 +1,9 @@
 """The model cut into stages that the engine runs one at a time, reusing the model's own modules.
 
 Per decoder layer: attention, routing, the routed experts (all at once through the model's own experts
-module, or span by span in ascending id order), the shared expert if any, then the combine (residual
-add). The arithmetic mirrors the model's own forward, so the engine's output is the model's.
+module, or span by span in ascending id order), the shared expert if any, then the combine (norms,
+scales and the residual add). The arithmetic mirrors the model's own forward, so the engine's output is
+the model's; `probe.py` checks that at load.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from qllm_core.cache import KVLayout
-from qllm_core.models.adapter import MoEAdapter, MoEParts
+from qllm_core.models.adapter import LayerParts, MoEAdapter, Rope
 from qllm_core.models.attention import AttentionBatch
+from qllm_core.models.experts import ExpertKernel
 
 
 @dataclass
 class LayerWork:
     """The MoE half of one layer in progress: everything a pass paused between experts must keep."""
 
+    parts: LayerParts
     residual: torch.Tensor
     normed: torch.Tensor
     top_k_index: torch.Tensor | None
@@ -116,16 +118,19 @@ _BATCHED_MAX_ROWS = 32
 
 
 def batched_experts(
-    adapter: MoEAdapter, experts: nn.Module, normed: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    kernel: ExpertKernel, normed: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor | None:
     """A layer's routed experts as one padded batched product per projection, when every expert has a few
     rows (a decode batch): on a CPU that beats grouped_mm, which runs such small groups one after the
-    other (measured on 2 cores: 1.14-1.25x at 16 to 64 rows over 8 experts). None when it would not pay:
-    an expert with no rows (its weights would be read for nothing) or many rows.
+    other (measured on 2 cores: 1.14-1.25x at 16 to 64 rows over 8 experts). None when it would not pay
+    (an expert with no rows, whose weights would be read for nothing, or many rows) or when the experts
+    are not of the standard layout.
 
     Rows are sorted, gathered, weighted and summed over the top-k slots as transformers' grouped_mm path
     does, so only the matrix products differ from it (rounding: 1e-6 in float32)."""
-    num_experts, k = int(experts.num_experts), index.shape[1]  # type: ignore[arg-type]
+    if not kernel.standard:
+        return None
+    num_experts, k = kernel.num_experts, index.shape[1]
     sorted_ids, perm = torch.sort(index.reshape(-1))
     counts = _expert_counts(sorted_ids, num_experts)[:num_experts]
     sizes = counts.tolist()
@@ -134,7 +139,7 @@ def batched_experts(
     position = torch.arange(len(perm), device=index.device) - (counts.cumsum(0) - counts)[sorted_ids]
     padded = normed.new_zeros(num_experts, max(sizes), normed.shape[-1])
     padded[sorted_ids, position] = normed[perm // k]
-    rows = adapter.run_experts_batched(experts, padded)[sorted_ids, position] * weights.reshape(-1)[perm, None]
+    rows = kernel.batched(padded)[sorted_ids, position] * weights.reshape(-1)[perm, None]
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(len(perm), device=perm.device)
     return rows[inverse].view(index.shape[0], k, -1).sum(dim=1).to(normed.dtype)  # type: ignore[no-any-return]
@@ -143,17 +148,16 @@ def batched_experts(
 class StagedModel:
     """Stage functions over one loaded model. Holds no per-pass state."""
 
-    def __init__(self, adapter: MoEAdapter, grouped: bool) -> None:
+    def __init__(self, adapter: MoEAdapter, grouped: bool, layout: KVLayout) -> None:
         """`grouped`: the model's default kernel (grouped_mm) runs its experts, and a span of several
         experts runs through one `grouped_mm` per projection; else (float64, which has no such kernel) the
         eager loop runs them. A span of one expert, and every span in float64, runs expert by expert with
-        the eager loop's arithmetic."""
+        the eager loop's arithmetic. `layout`: one token's KV in every layer (`probe.kv_layout`)."""
         self.adapter = adapter
         self.grouped = grouped
-        self.layers = list(adapter.layers)
-        self.parts: list[MoEParts | None] = [adapter.moe_parts(layer) for layer in self.layers]
-        # Per-expert views of the fused weights (no copy), for spans run with the eager loop's arithmetic.
-        self._expert_weights = [[] if p is None else adapter.expert_weights(p.experts) for p in self.parts]
+        self.layers = adapter.layers
+        self.parts: list[LayerParts] = [adapter.layer_parts(i, layer) for i, layer in enumerate(self.layers)]
+        self._layout = layout
 
     @property
     def num_layers(self) -> int:
@@ -162,72 +166,91 @@ class StagedModel:
 
     def kv_layout(self) -> KVLayout:
         """The shape of one token's KV in every layer, for the engine's KV pool."""
-        a = self.adapter
-        return KVLayout(self.num_layers, a.num_kv_heads, a.head_dim, a.head_dim)
+        return self._layout
 
     def has_shared_expert(self, layer: int) -> bool:
         """True when the layer has a shared expert stage."""
-        parts = self.parts[layer]
-        return parts is not None and parts.shared is not None
+        moe = self.parts[layer].moe
+        return moe is not None and moe.shared is not None
 
-    def embed(
-        self, token_ids: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Embeddings and RoPE tables for a flat batch."""
+    def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rope]:
+        """Embeddings and the rotary embedding (opaque to the engine) for a flat batch."""
         hidden = self.adapter.embed(token_ids)
         return hidden, self.adapter.rotary(hidden, positions)
 
-    def attention(
-        self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
-    ) -> torch.Tensor:
-        """Input norm, the model's attention module over the paged cache, residual add."""
-        module: nn.Module = self.layers[layer]
-        normed = module.input_layernorm(hidden)  # type: ignore[operator]
-        attn_out, _ = module.self_attn(  # type: ignore[operator]
-            hidden_states=normed.unsqueeze(0), position_embeddings=rope, attention_mask=None, qllm_batch=batch
-        )
-        return hidden + attn_out[0]  # type: ignore[no-any-return]
+    @staticmethod
+    def cat_rope(first: Rope, second: Rope) -> Rope:
+        """Two passes' rotary embeddings as one, the first's tokens first (for a merge of two passes)."""
+        if isinstance(first, torch.Tensor):
+            return torch.cat([first, second], dim=1)  # tokens are dim 1: the attention modules' batch of one
+        if first is None:
+            return None
+        return tuple(StagedModel.cat_rope(a, b) for a, b in zip(first, second, strict=True))
+
+    @staticmethod
+    def select_rope(rope: Rope, rows: torch.Tensor) -> Rope:
+        """The rotary embedding of some of a pass's tokens (`rows`, in order), for requests leaving a pass."""
+        if isinstance(rope, torch.Tensor):
+            return rope.index_select(1, rows)
+        if rope is None:
+            return None
+        return tuple(StagedModel.select_rope(part, rows) for part in rope)
+
+    def attention(self, layer: int, hidden: torch.Tensor, rope: Rope, batch: AttentionBatch) -> torch.Tensor:
+        """Norm, the model's attention module over the paged cache, norm and scale of its output, residual add."""
+        p = self.parts[layer]
+        normed = hidden if p.attn_norm is None else p.attn_norm(hidden)
+        out = p.attn(
+            hidden_states=normed.unsqueeze(0),
+            position_embeddings=rope if p.rope_index is None else rope[p.rope_index],
+            attention_mask=None,
+            qllm_batch=batch,
+        )[0][0]
+        if p.attn_out_norm is not None:
+            out = p.attn_out_norm(out)
+        return hidden + (out if p.residual_scale is None else out * p.residual_scale)  # type: ignore[no-any-return]
 
     def route(self, layer: int, hidden: torch.Tensor, expert_units: int | None) -> LayerWork:
-        """Post-attention norm and the model's own router (or, for a dense layer, its whole MLP).
+        """Pre-MLP norm and the model's own router (or, for a dense layer, its whole MLP).
 
         `expert_units` splits the routed experts into at most that many spans, run one per step; that
         costs one device-to-host read (transformers' eager loop pays the same). None runs them all at
         once, with no host read.
         """
-        module: nn.Module = self.layers[layer]
-        normed = module.post_attention_layernorm(hidden)  # type: ignore[operator]
-        parts = self.parts[layer]
-        if parts is None:
-            dense = self.adapter.dense_mlp(module)(normed)
-            return LayerWork(hidden, normed, None, None, dense)
-        _, weights, index = parts.gate(normed)
+        p = self.parts[layer]
+        normed = hidden if p.mlp_norm is None else p.mlp_norm(hidden)
+        moe = p.moe
+        if moe is None:
+            assert p.dense is not None  # noqa: S101
+            return LayerWork(p, hidden, normed, None, None, p.dense(normed))
+        _, weights, index = moe.router(normed, *moe.router_args)[:3]
         if expert_units is None:
-            return LayerWork(hidden, normed, index, weights, normed)
-        spans = group_by_expert(normed, index, weights, parts.num_experts, expert_units)
-        return LayerWork(hidden, normed, index, weights, torch.zeros_like(normed), spans=spans)
+            return LayerWork(p, hidden, normed, index, weights, normed)
+        spans = group_by_expert(normed, index, weights, moe.num_experts, expert_units)
+        return LayerWork(p, hidden, normed, index, weights, torch.zeros_like(normed), spans=spans)
 
     def all_experts(self, layer: int, work: LayerWork) -> None:
         """Every routed expert at once: through the model's own experts module (its configured kernel), or
         on a CPU, for a decode-sized layer, `batched_experts`."""
-        parts = self.parts[layer]
-        assert parts is not None and work.top_k_index is not None and work.top_k_weights is not None  # noqa: S101
+        moe = self.parts[layer].moe
+        assert moe is not None and work.top_k_index is not None and work.top_k_weights is not None  # noqa: S101
         if self.grouped and work.normed.device.type == "cpu":
-            out = batched_experts(self.adapter, parts.experts, work.normed, work.top_k_index, work.top_k_weights)
+            out = batched_experts(moe.kernel, work.normed, work.top_k_index, work.top_k_weights)
             if out is not None:
                 work.out = out
                 return
-        work.out = parts.experts(work.normed, work.top_k_index, work.top_k_weights)
+        work.out = moe.experts(work.normed, work.top_k_index, work.top_k_weights)
 
     def expert_span(self, layer: int, work: LayerWork) -> int:
         """Run the next span of experts on its rows and add their weighted output; returns its first expert.
         A span of several experts runs through `grouped_mm` (when the model's kernel is grouped); a span of
         one, or any span in float64, runs expert by expert with the eager loop's arithmetic."""
-        parts = self.parts[layer]
-        assert parts is not None  # noqa: S101
+        moe = self.parts[layer].moe
+        assert moe is not None  # noqa: S101
+        kernel = moe.kernel
         span = work.spans.pop(0)
         if self.grouped and span.offsets is not None:
-            states = self.adapter.run_experts_grouped(parts.experts, span.first, span.end, span.inputs, span.offsets)
+            states = kernel.grouped(span.first, span.end, span.inputs, span.offsets)
             work.out.index_add_(0, span.tokens, (states * span.weights).to(work.out.dtype))
             return span.first
         start = 0
@@ -236,22 +259,29 @@ class StagedModel:
                 continue
             rows = slice(start, start + size)
             start += size
-            expert_weights = self._expert_weights[layer][expert]
-            states = self.adapter.run_expert(parts.experts, expert_weights, span.inputs[rows]) * span.weights[rows]
+            states = kernel.one(expert, span.inputs[rows]) * span.weights[rows]
             work.out.index_add_(0, span.tokens[rows], states.to(work.out.dtype))  # routing weights may be float32
         return span.first
 
     def shared_expert(self, layer: int, work: LayerWork) -> None:
-        """The gated shared expert (Qwen2-MoE)."""
-        parts = self.parts[layer]
-        assert parts is not None and parts.shared is not None  # noqa: S101
-        work.shared_out = parts.shared(work.normed)
+        """The shared expert (gated or not) on every token of the layer."""
+        moe = self.parts[layer].moe
+        assert moe is not None and moe.shared is not None  # noqa: S101
+        work.shared_out = moe.shared(work.normed)
 
     @staticmethod
     def combine(work: LayerWork) -> torch.Tensor:
-        """Add the MoE output (and shared expert) to the residual stream."""
-        moe = work.out if work.shared_out is None else work.out + work.shared_out
-        return work.residual + moe
+        """The MLP's output (routed experts times their scale, plus the shared expert), its norm and scale,
+        added to the residual stream."""
+        p = work.parts
+        out = work.out
+        if p.moe is not None and p.moe.routed_scale is not None:
+            out = out * p.moe.routed_scale
+        if work.shared_out is not None:
+            out = out + work.shared_out
+        if p.mlp_out_norm is not None:
+            out = p.mlp_out_norm(out)
+        return work.residual + (out if p.residual_scale is None else out * p.residual_scale)
 
     def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the rows whose next token is wanted."""

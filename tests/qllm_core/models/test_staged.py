@@ -11,10 +11,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
+from qllm_core.models.attention import ATTENTION_NAME
 from qllm_core.models.builtin import ensure_builtin
-from qllm_core.models.mixtral import MixtralAdapter
-from qllm_core.models.registry import experts_implementation
+from qllm_core.models.registry import experts_implementation, stage_model
 from qllm_core.models.staged import LayerWork, StagedModel, batched_experts, split_experts
+
+
+def _tiny(dtype: torch.dtype) -> StagedModel:
+    """The built-in tiny model in stages, loaded as the engine loads it."""
+    model = AutoModelForCausalLM.from_pretrained(
+        ensure_builtin("tiny"),
+        dtype=dtype,
+        attn_implementation=ATTENTION_NAME,
+        experts_implementation=experts_implementation(dtype),
+    ).eval()
+    return stage_model(model, "mixtral", grouped=experts_implementation(dtype) is None)
 
 
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=70), st.integers(1, 10))
@@ -45,17 +56,14 @@ def test_spans_are_about_equal_in_rows() -> None:
 def test_span_by_span_equals_the_experts_module(dtype: torch.dtype, units: int) -> None:
     """Spans of several experts run grouped_mm (float32), spans of one expert and float64 the eager loop's
     arithmetic; either way the layer's output is the experts module's."""
-    model = AutoModelForCausalLM.from_pretrained(
-        ensure_builtin("tiny"), dtype=dtype, experts_implementation=experts_implementation(dtype)
-    ).eval()
-    staged = StagedModel(MixtralAdapter(model), grouped=experts_implementation(dtype) is None)
+    staged = _tiny(dtype)
     torch.manual_seed(0)
-    hidden = torch.randn(37, model.config.hidden_size, dtype=dtype)
+    hidden = torch.randn(37, staged.adapter.config.hidden_size, dtype=dtype)
     with torch.inference_mode():
         work = staged.route(1, hidden, units)
         assert 1 <= len(work.spans) <= units
         assert all((span.offsets is None) == (span.end - span.first == 1) for span in work.spans)
-        whole = LayerWork(work.residual, work.normed, work.top_k_index, work.top_k_weights, work.normed)
+        whole = LayerWork(work.parts, work.residual, work.normed, work.top_k_index, work.top_k_weights, work.normed)
         staged.all_experts(1, whole)
         while work.spans:
             staged.expert_span(1, work)
@@ -66,21 +74,21 @@ def test_span_by_span_equals_the_experts_module(dtype: torch.dtype, units: int) 
 
 
 def test_batched_cpu_kernel_computes_the_experts_module_and_steps_aside_when_it_would_not_pay() -> None:
-    model = AutoModelForCausalLM.from_pretrained(ensure_builtin("tiny"), dtype=torch.float32).eval()
-    staged = StagedModel(MixtralAdapter(model), grouped=True)
-    parts = staged.parts[1]
-    assert parts is not None
+    staged = _tiny(torch.float32)
+    moe = staged.parts[1].moe
+    assert moe is not None
+    hidden_size = staged.adapter.config.hidden_size
     torch.manual_seed(0)
     with torch.inference_mode():
-        normed = torch.randn(16, model.config.hidden_size)
+        normed = torch.randn(16, hidden_size)
         weights = torch.rand(16, 2)
         every_expert = torch.stack([torch.arange(16) % 8, (torch.arange(16) + 3) % 8], dim=1)  # 4 rows each
-        out = batched_experts(staged.adapter, parts.experts, normed, every_expert, weights)
+        out = batched_experts(moe.kernel, normed, every_expert, weights)
         assert out is not None
-        torch.testing.assert_close(out, parts.experts(normed, every_expert, weights), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, moe.experts(normed, every_expert, weights), rtol=1e-5, atol=1e-5)
         # Expert 7 has no rows: its weights would be read for nothing.
-        assert batched_experts(staged.adapter, parts.experts, normed, every_expert % 7, weights) is None
+        assert batched_experts(moe.kernel, normed, every_expert % 7, weights) is None
         # Over 32 rows for an expert: grouped_mm is as fast.
-        many = torch.randn(160, model.config.hidden_size)
+        many = torch.randn(160, hidden_size)
         crowded = torch.stack([torch.arange(160) % 8, (torch.arange(160) + 1) % 8], dim=1)
-        assert batched_experts(staged.adapter, parts.experts, many, crowded, torch.rand(160, 2)) is None
+        assert batched_experts(moe.kernel, many, crowded, torch.rand(160, 2)) is None
