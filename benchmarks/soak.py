@@ -19,7 +19,7 @@ import platform
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import psutil
 from ray import serve
 
 from benchmarks.local_app import deploy, local_cluster
+from deployments.protocol import ReplicaLoad
 
 REPLICA_PROCESS = "ServeReplica:qllm:EngineReplica"
 WORDS = ["alpha", "beta", "gamma", "delta", "moe", "expert", "token", "layer", "route", "cache", "serve"]
@@ -168,6 +169,14 @@ async def soak(base: str, minutes: float, rate: float, max_requests: int, seed: 
     }
 
 
+def _at_end(load: ReplicaLoad) -> dict[str, Any]:
+    """A replica's last report without its recent TTFTs: what must be zero once every request has ended."""
+    values = asdict(load)
+    for priority in ("ls", "be"):
+        values[priority].pop("recent_ttft")
+    return values
+
+
 def main() -> None:
     """Warm up, soak, then report outcomes, engine state and replica memory growth."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,7 +205,7 @@ def main() -> None:
         time.sleep(5)  # replicas report their final, idle load
         rss_end = replica_rss()
         router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
-        loads = [r["load"] for r in router.stats.remote().result(timeout_s=30)["replicas"].values()]
+        loads = [o.load for o in router.stats.remote().result(timeout_s=30).replicas.values()]
     growth = {str(p): round(100 * (rss_end[p] - rss_start[p]) / rss_start[p], 2) for p in rss_start if p in rss_end}
     results = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -204,7 +213,7 @@ def main() -> None:
         "warmup": {"sent": warm["sent"], "outcomes": warm["outcomes"]},
         **run,
         "lost": run["outcomes"].get("lost", 0),
-        "engines_at_end": [{k: v for k, v in load.items() if not k.startswith("recent_")} for load in loads],
+        "engines_at_end": [_at_end(load) for load in loads],
         "replica_rss_mib": {
             str(pid): {"start": round(rss_start[pid] / 2**20, 1), "end": round(rss_end.get(pid, 0) / 2**20, 1)}
             for pid in rss_start

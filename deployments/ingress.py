@@ -1,8 +1,9 @@
 """Ingress: the OpenAI-compatible HTTP API (FastAPI through `@serve.ingress`).
 
-For each request: parse and validate the body (4xx with the OpenAI error object on any fault), ask the
-PriorityRouter for admission and a placement, then stream from an engine replica through Ray Serve's
-handle. A request whose replica dies before its first token is placed again; a stream already under
+For each request: parse and validate the body (4xx with the OpenAI error object on any fault); for BE, ask
+the PriorityRouter for admission and a placement (LS skips that round trip: the request router in the
+handle admits and places it, `deployments.request_router`); then stream from an engine replica through Ray
+Serve's handle. A request whose replica dies before its first token is placed again; a stream already under
 way ends with an error event. Tokens never pass through the router.
 """
 
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import ray.exceptions
 from fastapi import FastAPI, Request
@@ -20,32 +21,41 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.auth import authorized, load_api_key
-from deployments.openai_api import (
-    ApiError,
-    ChatRequest,
-    CompletionRequest,
-    chat_body,
-    chat_chunk,
-    completion_body,
-    completion_chunk,
-    parse_body,
-    sse,
-    usage_chunk,
+from deployments.choices import Choices
+from deployments.openai_api import ApiError, parse_body, read_body, sse
+from deployments.openai_requests import ChatRequest, CompletionRequest
+from deployments.openai_responses import AnswerFormat
+from deployments.protocol import (
+    PLACEMENT_KWARG,
+    AdmitAnswer,
+    GenerateRequest,
+    Overloaded,
+    PlacementHint,
+    Rejected,
+    StreamError,
+    StreamItem,
 )
 from deployments.request_log import RequestLog
-from deployments.request_router import PLACEMENT_KWARG
 from deployments.settings import AppSettings
+from qllm_core import PriorityClass
 from qllm_core.errors import InvalidRequestError
-from qllm_core.request import PriorityClass
 
 logger = logging.getLogger("ray.serve")
 
 PRIORITY_HEADER = "x-qllm-priority"
-DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
-# How long an LS request waits for the PriorityRouter before placing by reported load instead.
-_LS_ADMIT_TIMEOUT_S = 0.5
+# How much longer than its hold bound a BE request waits for the PriorityRouter's answer before placing by
+# reported load instead (the router is down or restarting).
+_ADMIT_SLACK_S = 2.0
 
-app = FastAPI(title="qllm", description="OpenAI-compatible API with latency-sensitive and best-effort classes")
+# No /docs, /redoc or /openapi.json: they would answer without the API key, and bodies are parsed by hand
+# (openai_api), so the generated schema would describe none of them.
+app = FastAPI(
+    title="qllm",
+    description="OpenAI-compatible API with latency-sensitive and best-effort classes",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 @app.exception_handler(ApiError)
@@ -58,37 +68,57 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
 
-def _finish(item: dict[str, Any]) -> str | None:
-    reason = item.get("finish_reason")
-    return "stop" if reason == "abort" else reason
+Stream = TypeVar("Stream", bound=AsyncIterator[StreamItem | StreamError])
 
 
-def _usage(item: dict[str, Any]) -> dict[str, int]:
-    completion = item["num_output_tokens"]
-    return {
-        "prompt_tokens": item["prompt_tokens"],
-        "completion_tokens": completion,
-        "total_tokens": item["prompt_tokens"] + completion,
-    }
-
-
-Stream = TypeVar("Stream", bound=AsyncIterator[dict[str, Any]])
-
-
-async def first_item(attempts: int, start: Callable[[], Awaitable[Stream]]) -> tuple[dict[str, Any], Stream]:
-    """Start a stream (a new placement each time) and wait for its first item. A replica that dies before
-    that item is tried again elsewhere, up to `attempts` placements; nothing was sent to the client yet."""
-    failure: Exception | None = None
+async def first_item(attempts: int, start: Callable[[], Awaitable[Stream]]) -> tuple[StreamItem | StreamError, Stream]:
+    """Start a stream (a new placement each time) and wait for its first item. A replica that dies, or whose
+    engine has stopped, before that item is tried again elsewhere, up to `attempts` placements; nothing was
+    sent to the client yet."""
+    failure = "no placement"
     for _ in range(attempts):
         stream = await start()
         try:
-            return await stream.__anext__(), stream
+            first = await stream.__anext__()
         except StopAsyncIteration:
             raise ApiError(500, "the engine replica ended the stream without output") from None
         except ray.exceptions.RayError as exc:  # the replica died or is unreachable: try another one
-            failure = exc
-            logger.warning("replica failed before the first token (%s); placing again", type(exc).__name__)
-    raise ApiError(503, f"no engine replica could serve the request ({type(failure).__name__})")
+            failure = type(exc).__name__
+        else:
+            if not (isinstance(first, StreamError) and first.retryable):
+                return first, stream
+            failure = first.message
+        logger.warning("replica failed before the first token (%s); placing again", failure)
+    raise ApiError(503, f"no engine replica could serve the request ({failure})")
+
+
+async def next_item(stream: AsyncIterator[StreamItem | StreamError]) -> StreamItem:
+    """The next item of a request under way. However its replica fails (it died, its engine stopped, the
+    stream broke off), the request ends with a 503 `replica_failed`: part of the output may be out already."""
+    try:
+        item = await stream.__anext__()
+    except ray.exceptions.RayError as exc:
+        failure = type(exc).__name__
+    except StopAsyncIteration:
+        failure = "the stream ended before its last item"
+    else:
+        if isinstance(item, StreamItem):
+            return item
+        failure = item.message
+    raise ApiError(
+        503, f"the engine replica failed mid-request ({failure}); the output is incomplete", code="replica_failed"
+    )
+
+
+# Everything the class below uses is defined above it: the class `serve.ingress` makes travels to the
+# replicas by value, and a helper defined after it was found missing there (NameError).
+async def _collect(first: StreamItem, stream: AsyncIterator[StreamItem | StreamError], choices: Choices) -> None:
+    """Read a call's stream until every choice has finished (each finished item carries its whole text)."""
+    item = first
+    choices.add(item)
+    while not choices.finished:
+        item = await next_item(stream)
+        choices.add(item)
 
 
 @serve.ingress(app)
@@ -130,25 +160,21 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        """Text completion, streaming or not."""
+        """Text completion of one prompt or a list, streaming or not."""
         self._check_key(request)
-        body = parse_body(await request.body(), CompletionRequest, self._s.max_body_bytes)
-        assert isinstance(body, CompletionRequest)  # noqa: S101 - parse_body returns the model it was given
-        return await self._serve("completion", body, {"prompt": body.prompt}, request)
+        return await self._serve(parse_body(await self._read_body(request), CompletionRequest), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         """Chat completion with the model's chat template, streaming or not."""
         self._check_key(request)
-        body = parse_body(await request.body(), ChatRequest, self._s.max_body_bytes)
-        assert isinstance(body, ChatRequest)  # noqa: S101
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        return await self._serve("chat", body, {"messages": messages}, request)
+        return await self._serve(parse_body(await self._read_body(request), ChatRequest), request)
+
+    async def _read_body(self, request: Request) -> bytes:
+        return await read_body(request.stream(), request.headers.get("content-length"), self._s.max_body_bytes)
 
     # ---- one request --------------------------------------------------------------------------------
-    async def _serve(
-        self, kind: str, body: CompletionRequest | ChatRequest, prompt: dict[str, Any], request: Request
-    ) -> Response:
+    async def _serve(self, body: CompletionRequest | ChatRequest, request: Request) -> Response:
         if body.model is not None and body.model != self._model:
             raise ApiError(
                 404,
@@ -157,29 +183,25 @@ class Ingress:
                 code="model_not_found",
             )
         priority = self._priority(body.priority or request.headers.get(PRIORITY_HEADER))
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        payload = {
-            **prompt,
-            "params": body.sampling(DEFAULT_MAX_TOKENS[kind]),
-            "priority": priority.label,
-            "request_id": request_id,
-            "ttft_deadline_s": None if body.ttft_deadline_ms is None else body.ttft_deadline_ms / 1000,
-        }
-        log = RequestLog(request_id, priority.label, kind, body.stream, prompt=prompt if self._s.log_prompts else None)
+        request_id = f"{body.id_prefix}-{uuid.uuid4().hex}"
+        deadline = None if body.ttft_deadline_ms is None else body.ttft_deadline_ms / 1000
+        payload = body.to_request(request_id, priority, deadline)
+        answer = body.answer_format(request_id, self._model)
+        choices = Choices(payload.choices, payload.n, keep=not body.stream)
+        prompts = payload.prompts if self._s.log_prompts else None
+        log = RequestLog(request_id, priority.label, body.kind, body.stream, prompts=prompts)
         try:
             first, stream = await self._open(payload, priority)
             log.first_item(first)
             if body.stream:
-                events = self._events(kind, request_id, first, stream, body.include_usage, log)
+                events = self._events(answer, first, stream, choices, body.include_usage, log)
                 return StreamingResponse(events, media_type="text/event-stream")
-            text, item = await self._collect(first, stream)
+            await _collect(first, stream, choices)
         except ApiError as exc:
             log.finish(logger, exc.status, error=exc.code or str(exc.status))
             raise
-        log.finish(logger, 200, item)
-        usage = _usage(item)
-        make = chat_body if kind == "chat" else completion_body
-        return JSONResponse(make(request_id, self._model, text, _finish(item), usage))
+        log.finish(logger, 200, choices)
+        return JSONResponse(answer.body(choices))
 
     def _priority(self, value: str | None) -> PriorityClass:
         try:
@@ -187,90 +209,77 @@ class Ingress:
         except InvalidRequestError as exc:
             raise ApiError(400, exc.message, param="priority") from None
 
-    async def _admit(self, priority: PriorityClass) -> dict[str, Any]:
-        """The PriorityRouter's placement; on its failure, an empty one (the request router ranks by load)."""
-        if self._router is None:  # routing: power_of_two
-            return {"priority": priority.label}
-        ls = priority is PriorityClass.LATENCY_SENSITIVE
-        timeout = _LS_ADMIT_TIMEOUT_S if ls else self._s.be_hold_max_s + 2.0
+    async def _admit(self, priority: PriorityClass) -> PlacementHint:
+        """BE: the PriorityRouter's placement (429 when it rejects the request), or on its failure a hint
+        without a ranking. LS: that hint at once, with no round trip: the request router in the handle places
+        and admits LS itself, by the same rules, on the load replicas report."""
+        if self._router is None or priority is PriorityClass.LATENCY_SENSITIVE:
+            return PlacementHint(priority)
         try:
-            decision: dict[str, Any] = await asyncio.wait_for(self._router.admit.remote(priority.label), timeout)
+            answer: AdmitAnswer = await asyncio.wait_for(
+                self._router.admit.remote(priority), self._s.be_hold_max_s + _ADMIT_SLACK_S
+            )
         except Exception as exc:  # router down or restarting: keep serving with fallback placement
             logger.warning("PriorityRouter unavailable (%s); placing by reported load", type(exc).__name__)
-            return {"priority": priority.label}
-        if decision.get("overloaded"):
-            retry = max(1, round(decision["retry_after_s"]))
-            raise ApiError(
-                429,
-                f"the {priority.label} queue is full; retry in {retry} s",
-                code="overloaded",
-                headers={"Retry-After": str(retry)},
-            )
-        return {"priority": priority.label, "ranking": decision["ranking"]}
+            return PlacementHint(priority)
+        if isinstance(answer, Rejected):
+            raise self._overloaded(answer)
+        return PlacementHint(priority, answer.ranking, admitted=True)
+
+    @staticmethod
+    def _overloaded(answer: Rejected) -> ApiError:
+        """The 429 for a full queue, whoever found it full (the PriorityRouter, or the fallback admission)."""
+        retry = max(1, round(answer.retry_after_s))
+        return ApiError(
+            429,
+            f"the {answer.priority.label} queue is full; retry in {retry} s",
+            code="overloaded",
+            headers={"Retry-After": str(retry)},
+        )
 
     async def _open(
-        self, payload: dict[str, Any], priority: PriorityClass
-    ) -> tuple[dict[str, Any], DeploymentResponseGenerator]:
-        """Place the request and wait for its first item, placing it again if its replica dies first."""
+        self, request: GenerateRequest, priority: PriorityClass
+    ) -> tuple[StreamItem, DeploymentResponseGenerator]:
+        """Place the request and wait for its first item, placing it again if its replica fails first."""
 
         async def start() -> DeploymentResponseGenerator:
             placement = await self._admit(priority)
-            return self._stream.generate.remote(payload, **{PLACEMENT_KWARG: placement})  # type: ignore[return-value]
+            return self._stream.generate.remote(request, **{PLACEMENT_KWARG: placement})  # type: ignore[return-value]
 
-        first, stream = await first_item(self._s.placement_attempts, start)
-        if "error" in first:
-            err = first["error"]
-            raise ApiError(err["status"], err["message"], param=err["param"])
-        return first, stream
-
-    async def _collect(self, first: dict[str, Any], stream: DeploymentResponseGenerator) -> tuple[str, dict]:
-        parts, item = [first["delta"]], first
         try:
-            while not item["finished"]:
-                item = await stream.__anext__()
-                parts.append(item["delta"])
-        except ray.exceptions.RayError as exc:
-            raise ApiError(503, f"the engine replica failed mid-request ({type(exc).__name__})") from None
-        return "".join(parts), item
+            first, stream = await first_item(self._s.placement_attempts, start)
+        except Overloaded as exc:  # the request router's own admission, while the PriorityRouter is down
+            raise self._overloaded(exc.answer) from None
+        if isinstance(first, StreamError):
+            raise ApiError(first.status, first.message, param=first.param)
+        return first, stream
 
     async def _events(
         self,
-        kind: str,
-        request_id: str,
-        first: dict[str, Any],
+        answer: AnswerFormat,
+        first: StreamItem,
         stream: DeploymentResponseGenerator,
+        choices: Choices,
         include_usage: bool,
         log: RequestLog,
     ) -> AsyncIterator[bytes]:
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         item = first
         failed: str | None = None
         try:
-            if kind == "chat":
-                yield sse(chat_chunk(request_id, self._model, {"role": "assistant", "content": ""}, None))
             while True:
-                finish = _finish(item) if item["finished"] else None
-                if item["delta"] or finish is not None:
-                    if kind == "chat":
-                        yield sse(chat_chunk(request_id, self._model, {"content": item["delta"]}, finish))
-                    else:
-                        yield sse(completion_chunk(request_id, self._model, item["delta"], finish))
-                if item["finished"]:
+                for chunk in answer.chunks(item, choices.add(item)):
+                    yield sse(chunk)
+                if choices.finished:
                     if include_usage:
-                        yield sse(usage_chunk(request_id, self._model, obj, _usage(item)))
+                        yield sse(answer.usage_chunk(choices.usage()))
                     break
-                item = await stream.__anext__()
-        except ray.exceptions.RayError as exc:
-            error = ApiError(
-                503,
-                f"the engine replica failed mid-stream ({type(exc).__name__}); the output above is incomplete",
-                code="replica_failed",
-            )
-            failed = "replica_failed"
-            yield sse(error.body())
+                item = await next_item(stream)
+        except ApiError as exc:  # the replica failed mid-stream: say so in the stream, then end it
+            failed = exc.code
+            yield sse(exc.body())
         finally:
             stream.cancel()  # no-op when finished; aborts the request on the replica if the client left
             # The client leaving ends this generator early: the line says so (status 499, nginx's convention).
-            status = 200 if item["finished"] or failed else 499
-            log.finish(logger, status, item, error=failed or (None if status == 200 else "client_disconnected"))
+            status = 200 if choices.finished or failed else 499
+            log.finish(logger, status, choices, error=failed or (None if status == 200 else "client_disconnected"))
         yield sse("[DONE]")

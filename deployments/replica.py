@@ -4,27 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.load import ReplicaLoad
+from deployments.fan_out import merged
+from deployments.load import replica_load
 from deployments.metrics import RayBackend
+from deployments.protocol import (
+    ChatTurn,
+    GenerateRequest,
+    PlacementHint,
+    Prompt,
+    ReplicaLoad,
+    StreamError,
+    StreamItem,
+)
 from deployments.settings import AppSettings
-from qllm_core import Engine, InvalidRequestError, PromptTooLongError, QllmError, SamplingParams
+from deployments.token_text import TokenTexts
+from qllm_core import Engine, EngineStoppedError, InvalidRequestError, PromptTooLongError, QllmError, RequestOutput
 from qllm_core.metrics import EngineMetrics
+from qllm_core.stats import EngineStats
 
 logger = logging.getLogger("ray.serve")
 
-
-def error_item(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    """The first (and only) stream item of a request the replica refuses."""
-    return {"error": {"status": status, "message": message, "param": param, "type": kind}}
+FAULT_INJECTION_ENV = "QLLM_FAULT_INJECTION"
+"""Set to 1 in an engine replica's environment to enable `kill_engine_loop` (fault-injection tests)."""
 
 
 class EngineReplica:
@@ -35,6 +46,7 @@ class EngineReplica:
         # One replica per device: keep torch's CPU threads within the CPUs Ray reserved for it.
         torch.set_num_threads(max(1, int(settings.num_cpus)))
         self._engine = Engine(settings.engine, EngineMetrics(RayBackend()))
+        self._texts = TokenTexts(self._engine.tokenizer)
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._router = router
         self._reporter: asyncio.Task[None] | None = None
@@ -42,79 +54,133 @@ class EngineReplica:
 
     # ---- serving ---------------------------------------------------------------------------------------
     async def generate(
-        self, request: dict[str, Any], placement: dict[str, Any] | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request: text deltas and token counts, ending with a finished item (or one error item).
+        self, request: GenerateRequest, placement: PlacementHint | None = None
+    ) -> AsyncIterator[StreamItem | StreamError]:
+        """Stream one call: what each engine step adds to each of its choices, until every choice has finished;
+        or one error, then nothing more.
 
-        `placement` is read by the request router in the caller's handle, not here.
+        Each choice is its own engine request on this engine, so that a call's choices prefill in the same
+        pass; they do not share the prompt's KV (the engine has no sharing between sequences). `placement`
+        is read by the request router in the caller's handle, not here.
         """
         self._ensure_reporter()
         try:
-            stream = self._engine.generate(**self._engine_args(request))
-            async for out in stream:
-                yield {
-                    "delta": out.text_delta,
-                    "num_output_tokens": out.num_output_tokens,
-                    "prompt_tokens": out.prompt_token_count,
-                    "finished": out.finished,
-                    "finish_reason": None if out.finish_reason is None else out.finish_reason.value,
-                    "ttft_s": out.ttft_s,
-                    "replica_id": self._replica_id,
-                }
+            prompt_ids = [self._token_ids(prompt) for prompt in request.prompts]
+            streams = [self._choice(request, index, prompt_ids[index // request.n]) for index in range(request.choices)]
+            started: set[int] = set()
+            async for index, out in merged(streams):
+                first = index not in started
+                started.add(index)
+                yield self._item(request, index, out, prompt_ids[index // request.n], first)
         except PromptTooLongError as exc:
-            yield error_item(413, exc.message, exc.param)
+            yield StreamError(413, exc.message, exc.param)
         except InvalidRequestError as exc:
-            yield error_item(400, exc.message, exc.param)
+            yield StreamError(400, exc.message, exc.param)
+        except EngineStoppedError as exc:  # this replica cannot serve any more; its health check now fails
+            yield StreamError(503, str(exc), retryable=True)
         except QllmError as exc:
-            yield error_item(503, str(exc), None, "service_unavailable")
+            yield StreamError(503, str(exc))
 
-    def _engine_args(self, request: dict[str, Any]) -> dict[str, Any]:
-        params = SamplingParams(**request.get("params", {}))
-        args: dict[str, Any] = {
-            "params": params,
-            "priority": request.get("priority"),
-            "request_id": request.get("request_id"),
-            "ttft_deadline_s": request.get("ttft_deadline_s"),
-        }
-        messages = request.get("messages")
-        prompt = request.get("prompt")
-        if messages is not None:
-            args["prompt_token_ids"] = self._chat_tokens(messages)
-        elif isinstance(prompt, list):
-            args["prompt_token_ids"] = prompt
-        else:
-            args["prompt"] = prompt
-        return args
+    def _choice(self, request: GenerateRequest, index: int, prompt_ids: list[int]) -> AsyncIterator[RequestOutput]:
+        """One choice's engine stream. With a seed, choice j of a prompt samples with seed + j (as vLLM seeds
+        them), so that a prompt of a list is answered as it would be alone."""
+        params, j = request.params, index % request.n
+        if params.seed is not None and j:
+            params = dataclasses.replace(params, seed=params.seed + j)
+        return self._engine.generate(
+            None,
+            params,
+            request.priority,
+            prompt_token_ids=prompt_ids,
+            request_id=request.request_id if request.choices == 1 else f"{request.request_id}-{index}",
+            ttft_deadline_s=request.ttft_deadline_s,
+        )
 
-    def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def _item(
+        self, request: GenerateRequest, index: int, out: RequestOutput, prompt_ids: list[int], first: bool
+    ) -> StreamItem:
+        prompt_text = None
+        if request.echo and first:
+            prompt = request.prompts[index // request.n]
+            prompt_text = prompt.text if prompt.text is not None else str(self._engine.tokenizer.decode(prompt_ids))
+        return StreamItem(
+            text_delta=out.text_delta,
+            new_token_ids=out.new_token_ids,
+            num_output_tokens=out.num_output_tokens,
+            prompt_tokens=out.prompt_token_count,
+            finished=out.finished,
+            finish_reason=out.finish_reason,
+            ttft_s=out.ttft_s,
+            replica_id=self._replica_id,
+            text=out.text,
+            index=index,
+            logprobs=None if out.new_logprobs is None else tuple(self._texts.entry(lp) for lp in out.new_logprobs),
+            prompt_logprobs=(
+                None if out.prompt_logprobs is None else self._texts.prompt_entries(prompt_ids, out.prompt_logprobs)
+            ),
+            prompt_text=prompt_text,
+        )
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids. A text prompt is tokenized here as the engine would tokenize it, so that
+        the ids behind its prompt log-probabilities are known."""
+        if prompt.messages is not None:
+            return self._chat_tokens(prompt.messages)
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        return list(self._engine.tokenizer(prompt.text, add_special_tokens=False).input_ids)
+
+    def _chat_tokens(self, messages: tuple[ChatTurn, ...]) -> list[int]:
         tokenizer = self._engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        turns = [
+            {"role": m.role, "content": m.content} | ({} if m.name is None else {"name": m.name}) for m in messages
+        ]
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
         return [int(t) for t in ids]  # type: ignore[union-attr, arg-type]
 
     # ---- load reporting ---------------------------------------------------------------------------------
     def load(self) -> ReplicaLoad:
-        """This replica's load right now."""
+        """This replica's load right now (it reads only the engine's published snapshot)."""
         stats = self._engine.stats()
-        return ReplicaLoad.from_stats(self._replica_id, stats, self._settings.engine.max_batch_size, time.time())
+        max_batch = self._settings.engine.max_batch_size
+        return replica_load(self._replica_id, stats, max_batch, time.time(), time.monotonic())
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Ray Serve polls this for the request router's fallback placement."""
+    async def record_routing_stats(self) -> dict[str, ReplicaLoad]:
+        """Ray Serve polls this for the request router's fallback placement. A coroutine, so it runs on this
+        replica's event loop (Serve runs plain methods in a thread pool), where it can start the reporter."""
         self._ensure_reporter()
-        return self.load().to_dict()
+        return self.load().as_routing_stats()
 
-    def stats(self) -> dict[str, Any]:
-        """Engine stats as plain data (tests and operators)."""
-        return self.load().to_dict() | {"kv_used_blocks": self._engine.stats().kv_used_blocks}
+    async def stats(self, placement: PlacementHint | None = None) -> EngineStats:
+        """The engine's stats (tests, operators, benchmarks). `placement`, read by the request router in the
+        caller's handle, names the replica to ask (a ranking of one), under either routing mode."""
+        return self._engine.stats()
 
     def ping(self) -> str:
         """Liveness for /health."""
         return self._replica_id
 
     def check_health(self) -> None:
-        """Ray Serve's health check: the engine loop must be alive."""
-        self._engine.stats()
+        """Ray Serve's health check: it fails (and Serve replaces this replica) when the engine loop has died,
+        or has had work but finished no step for longer than `engine_stall_timeout_s`."""
+        self._engine.check_health(self._settings.engine_stall_timeout_s)
+
+    def kill_engine_loop(self) -> str:
+        """Fault injection: make the engine loop die as a bug in it would; returns this replica's id.
+
+        Refused unless $QLLM_FAULT_INJECTION=1 in this replica's environment. No HTTP route leads here.
+        """
+        if os.environ.get(FAULT_INJECTION_ENV) != "1":
+            raise PermissionError(f"fault injection is off in this replica; it needs {FAULT_INJECTION_ENV}=1")
+
+        def poison() -> None:
+            raise RuntimeError("fault injection: the engine loop was killed on purpose")
+
+        # The loop runs its queued commands outside the guard around a step, so this one ends the loop.
+        self._engine._commands.put(poison)
+        return self._replica_id
 
     def _ensure_reporter(self) -> None:
         if self._router is None or (self._reporter is not None and not self._reporter.done()):
@@ -126,7 +192,7 @@ class EngineReplica:
         assert self._router is not None  # noqa: S101
         while True:
             try:
-                await self._router.report.remote(self.load().to_dict())
+                await self._router.report.remote(self.load())
             except Exception as exc:  # the router restarts on its own; keep serving meanwhile
                 logger.debug("load report to the router failed: %s", exc)
             await asyncio.sleep(self._settings.stats_period_s)

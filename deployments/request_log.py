@@ -7,11 +7,15 @@ pipelines can parse them without a schema.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from deployments.choices import Choices
+from deployments.protocol import Prompt, StreamItem
 
 # Longest prompt excerpt written when `log_prompts` is on; a log line is no place for a whole document.
 PROMPT_LOG_CHARS = 2000
@@ -25,24 +29,24 @@ class RequestLog:
     priority: str
     kind: str
     stream: bool
-    prompt: Any = None
-    """The prompt, kept only when `log_prompts` is set."""
+    prompts: tuple[Prompt, ...] | None = None
+    """The call's prompts, kept only when `log_prompts` is set."""
     started: float = field(default_factory=time.monotonic)
     first_item_at: float | None = None
     engine_ttft_s: float | None = None
     replica: str | None = None
     _written: bool = False
 
-    def first_item(self, item: dict[str, Any]) -> None:
+    def first_item(self, item: StreamItem) -> None:
         """The replica's first stream item arrived."""
         self.first_item_at = time.monotonic()
-        self.engine_ttft_s = item.get("ttft_s")
-        self.replica = item.get("replica_id")
+        self.engine_ttft_s = item.ttft_s
+        self.replica = item.replica_id
 
     def finish(
-        self, logger: logging.Logger, status: int, item: dict[str, Any] | None = None, error: str | None = None
+        self, logger: logging.Logger, status: int, choices: Choices | None = None, error: str | None = None
     ) -> None:
-        """Write the line: HTTP status, finish reason and token counts (from the last item), timings."""
+        """Write the line: HTTP status, finish reasons and token counts (of every choice), timings."""
         if self._written:
             return
         self._written = True
@@ -58,14 +62,17 @@ class RequestLog:
             "engine_ttft_ms": None if self.engine_ttft_s is None else round(self.engine_ttft_s * 1000, 1),
             "total_ms": round((now - self.started) * 1000, 1),
         }
-        if item is not None:
-            fields["finish_reason"] = item.get("finish_reason")
-            fields["prompt_tokens"] = item.get("prompt_tokens")
-            fields["completion_tokens"] = item.get("num_output_tokens")
+        if choices is not None:
+            usage = choices.usage()
+            fields["choices"] = choices.count
+            fields["finish_reason"] = choices.finish_reasons()
+            fields["prompt_tokens"] = usage.prompt_tokens
+            fields["completion_tokens"] = usage.completion_tokens
         if error is not None:
             fields["error"] = error
-        if self.prompt is not None:
-            fields["prompt"] = json.dumps(self.prompt)[:PROMPT_LOG_CHARS]
+        if self.prompts is not None:
+            given = [{k: v for k, v in dataclasses.asdict(p).items() if v is not None} for p in self.prompts]
+            fields["prompt"] = json.dumps(given if len(given) > 1 else given[0])[:PROMPT_LOG_CHARS]
         logger.info("qllm request %s", " ".join(f"{k}={_value(v)}" for k, v in fields.items()))
 
 

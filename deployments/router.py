@@ -1,10 +1,15 @@
 """PriorityRouter: the control plane. Admits requests per class, tracks SLOs, decides where they land.
 
 It never carries tokens. Replicas report their load every `stats_period_s`; the ingress asks `admit`
-before sending a request, and gets back replica ids ranked best first (the request router inside
-Ray Serve's handle honours that ranking). LS is answered at once; BE waits here, first in first out,
-while every replica's LS SLO is at risk or all capacity is taken, but never longer than
-`be_hold_max_s`. Its state is rebuilt from the next round of replica reports if it restarts.
+before sending a BE request, and gets back replica ids ranked best first (the request router inside
+Ray Serve's handle honours that ranking). BE waits here, strictly first in first out, while every
+replica's LS SLO is at risk or all capacity is taken, but never longer than `be_hold_max_s`. LS is
+never held: `admit` answers it at once, but the ingress does not ask, its request router places LS by
+the same rules without this round trip. Its state is rebuilt from the next round of replica reports
+if it restarts.
+
+Every method is a coroutine: Ray Serve runs plain methods in a thread pool, and the replica table and
+the held requests' futures belong to the event loop that `admit` runs on, so all of it stays there.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from ray import serve
 
-from deployments.load import BE, LS, Outlook, ReplicaLoad, at_risk, attainment, outlook, rank
+from deployments.load import BE, LS, PlacementLog, RoutingRules, Unreported, can_take_be, outlooks, queued, rank
 from deployments.metrics import RayBackend, RouterMetrics
+from deployments.protocol import AdmitAnswer, Outlook, Placed, Rejected, ReplicaLoad, RouterStats
 from deployments.settings import AppSettings
 from qllm_core.metrics import MetricsBackend
+from qllm_core.request import PriorityClass
 
 # A replica that has not reported for this many periods is treated as gone.
 _STALE_PERIODS = 4
@@ -30,17 +36,28 @@ _STALE_PERIODS = 4
 @dataclass
 class _Replica:
     load: ReplicaLoad
-    placed: dict[str, int] = field(default_factory=lambda: {LS: 0, BE: 0})
+    received_at: float
+    """When its report arrived (this process's monotonic clock)."""
+
+
+@dataclass
+class _Held:
+    since: float
+    answer: asyncio.Future[Placed]
 
 
 class PriorityRouter:
     """A Ray Serve deployment class (one replica; decorated in app.py)."""
 
     def __init__(self, settings: AppSettings, metrics_backend: MetricsBackend | None = None) -> None:
-        self._s = settings
+        self._rules = RoutingRules.of(settings)
+        self._stale_after_s = _STALE_PERIODS * settings.stats_period_s
         self._replicas: dict[str, _Replica] = {}
-        self._held: deque[asyncio.Future[None]] = deque()
-        self._counters: dict[str, int] = {"placed_ls": 0, "placed_be": 0, "held_be": 0, "rejected": 0}
+        self._log = PlacementLog()
+        self._held: deque[_Held] = deque()
+        self._placed = {LS: 0, BE: 0}
+        self._be_holds = 0
+        self._rejected = 0
         if metrics_backend is None:
             # Plain Ray metrics: Serve's would claim the `replica` label, which here names the target replica.
             app = serve.get_replica_context().app_name
@@ -48,132 +65,124 @@ class PriorityRouter:
         self._metrics = RouterMetrics(metrics_backend)
 
     # ---- replica reports --------------------------------------------------------------------------------
-    def report(self, load: dict[str, Any]) -> None:
-        """A replica's periodic load report; placements made since its last report are now in its numbers."""
-        parsed = ReplicaLoad.from_dict(load)
-        self._replicas[parsed.replica_id] = _Replica(parsed)
+    async def report(self, load: ReplicaLoad) -> None:
+        """A replica's periodic load report: placements it shows stop counting here, and held BE requests
+        are released for as much capacity as it frees."""
+        self._replicas[load.replica_id] = _Replica(load, time.monotonic())
         self._release_held()
-        self._export_load(parsed)
+        self._export_load(load)
 
     # ---- admission and placement ----------------------------------------------------------------------
-    async def admit(self, priority: str) -> dict[str, Any]:
-        """Rank replicas for a request; holds BE while no replica can take it without hurting LS.
+    async def admit(self, priority: PriorityClass) -> AdmitAnswer:
+        """Rank replicas for a request, or reject it when its class's queue is full. LS is answered at once;
+        BE is held while no replica can take it without hurting LS, and behind every BE held before it."""
+        if self._queued(priority) >= self._rules.max_queued(priority):
+            return self._reject(priority)
+        if priority is LS or (not self._held and self._be_has_room()):
+            return self._place(priority, 0.0)
+        return await self._hold()
 
-        Returns {"ranking": [...], "held_s": float} or {"overloaded": True, "retry_after_s": float}.
-        """
-        if priority == LS:
-            if self._queued(LS) >= self._s.max_queued_ls:
-                return self._reject(LS, 1.0)
-            return self._place(LS, 0.0)
-        if self._queued(BE) >= self._s.max_queued_be:
-            return self._reject(BE, self._s.be_hold_max_s)
-        if not self._can_take_be():
-            start = time.monotonic()
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._held.append(waiter)
-            self._counters["held_be"] += 1
-            self._metrics.be_holds.inc()
-            self._export_queues()
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(waiter), self._s.be_hold_max_s)
-            finally:
-                if waiter in self._held:
-                    self._held.remove(waiter)
-            return self._place(BE, time.monotonic() - start)
-        return self._place(BE, 0.0)
-
-    def _place(self, priority: str, held_s: float) -> dict[str, Any]:
-        outlooks = self._outlooks()
-        ranking = rank(priority, outlooks)
-        if ranking:
-            self._replicas[ranking[0]].placed[priority] += 1
-        self._counters["placed_ls" if priority == LS else "placed_be"] += 1
-        # With no reports yet, Serve's own routing picks the replica.
-        self._metrics.placements.labels(ranking[0] if ranking else "unknown", priority).inc()
+    async def _hold(self) -> Placed:
+        held = _Held(time.monotonic(), asyncio.get_running_loop().create_future())
+        self._held.append(held)
+        self._be_holds += 1
+        self._metrics.be_holds.inc()
         self._export_queues()
-        return {"ranking": ranking, "held_s": held_s}
+        try:
+            await asyncio.wait_for(asyncio.shield(held.answer), self._rules.be_hold_max_s)
+        except TimeoutError:
+            # Held as long as allowed: placed now whatever the load (BE never starves here). Every request
+            # still held ahead of it is older, so it goes first.
+            while not held.answer.done():
+                self._release_next()
+        finally:
+            with contextlib.suppress(ValueError):  # the caller gave up while it was held
+                self._held.remove(held)
+            self._export_queues()
+        return held.answer.result()
 
-    def _queued(self, priority: str) -> int:
+    def _release_held(self) -> None:
+        """Place held BE requests, oldest first, while some replica can take BE: each placement counts
+        before the next is considered."""
+        while self._held and self._be_has_room():
+            self._release_next()
+
+    def _release_next(self) -> None:
+        held = self._held.popleft()
+        if not held.answer.done():
+            held.answer.set_result(self._place(BE, time.monotonic() - held.since))
+
+    def _place(self, priority: PriorityClass, held_s: float) -> Placed:
+        ranking = rank(priority, self._outlooks())
+        if ranking:
+            self._log.add(ranking[0], priority, time.time())
+        self._placed[priority] += 1
+        # With no reports yet, Serve's own routing picks the replica.
+        self._metrics.placements.labels(ranking[0] if ranking else "unknown", priority.label).inc()
+        self._export_queues()
+        return Placed(ranking, held_s)
+
+    def _reject(self, priority: PriorityClass) -> Rejected:
+        self._rejected += 1
+        self._metrics.rejected.labels(priority.label).inc()
+        return Rejected(priority, self._rules.retry_after_s(priority))
+
+    def _be_has_room(self) -> bool:
+        view = self._outlooks()
+        # Nothing known (startup, or the router just restarted): do not hold work back.
+        return not view or any(can_take_be(o) for o in view)
+
+    def _queued(self, priority: PriorityClass) -> int:
         """Requests of a class waiting: at the replicas as reported, placed since, and (BE) held here."""
-        self._forget_silent()
-        known = self._replicas.values()
-        if priority == LS:
-            return sum(r.load.ls_waiting + r.placed[LS] for r in known)
-        return sum(r.load.be_waiting + r.placed[BE] for r in known) + len(self._held)
+        waiting = queued(priority, self._reports())
+        return waiting + len(self._held) if priority is BE else waiting
 
-    def _reject(self, priority: str, retry_after_s: float) -> dict[str, Any]:
-        self._counters["rejected"] += 1
-        self._metrics.rejected.labels(priority).inc()
-        return {"overloaded": True, "retry_after_s": retry_after_s}
+    def _reports(self) -> list[tuple[ReplicaLoad, Unreported]]:
+        self._forget_silent()
+        return [(r.load, self._log.unreported(r.load)) for r in self._replicas.values()]
 
     def _outlooks(self) -> list[Outlook]:
-        self._forget_silent()
-        return [
-            outlook(r.load, r.placed[LS], r.placed[BE], self._s.ls_ttft_slo_s, self._s.slo_window)
-            for r in self._replicas.values()
-        ]
+        return outlooks(self._reports(), self._rules, time.time())
 
     def _forget_silent(self) -> None:
         """Drop replicas that stopped reporting (dead, or replaced): they take no placements and no longer
         count in queue depths or stats. A replica that was only slow comes back with its next report."""
-        fresh_after = time.time() - _STALE_PERIODS * self._s.stats_period_s
-        for rid in [rid for rid, r in self._replicas.items() if r.load.reported_at < fresh_after]:
+        fresh_after = time.monotonic() - self._stale_after_s
+        for rid in [rid for rid, r in self._replicas.items() if r.received_at < fresh_after]:
             del self._replicas[rid]
             for cls in (LS, BE):
-                self._metrics.replica_load.labels(rid, cls).set(0)
-
-    def _can_take_be(self) -> bool:
-        outlooks = self._outlooks()
-        if not outlooks:
-            return True  # nothing known (startup, or the router just restarted): do not hold work back
-        return any(o.be_spare > 0 and not at_risk(o, self._s.ls_ttft_slo_s, self._s.slo_target) for o in outlooks)
-
-    def _release_held(self) -> None:
-        while self._held and self._can_take_be():
-            waiter = self._held.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return  # one at a time: its placement counts before the next is considered
+                self._metrics.replica_load.labels(rid, cls.label).set(0)
+        self._log.keep_only(self._replicas)
 
     # ---- observability ----------------------------------------------------------------------------------
-    def _attainment(self, load: ReplicaLoad) -> dict[str, float | None]:
-        """Per class, the share of a replica's recent TTFTs within the class SLO (None before any)."""
-        return {
-            LS: attainment(load.recent_ls_ttft_s, self._s.ls_ttft_slo_s, self._s.slo_window),
-            BE: attainment(load.recent_be_ttft_s, self._s.be_ttft_slo_s, self._s.slo_window),
-        }
-
     def _export_load(self, load: ReplicaLoad) -> None:
         m = self._metrics
-        m.replica_load.labels(load.replica_id, LS).set(load.ls_waiting + load.ls_running)
-        m.replica_load.labels(load.replica_id, BE).set(load.be_waiting + load.be_running)
-        for cls, ratio in self._attainment(load).items():
-            if ratio is not None:
-                m.slo_attainment.labels(load.replica_id, cls).set(ratio)
-        self._forget_silent()
+        for cls in (LS, BE):
+            m.replica_load.labels(load.replica_id, cls.label).set(load.of(cls).waiting + load.of(cls).running)
+        for o in self._outlooks():
+            if o.replica_id != load.replica_id:
+                continue
+            for cls, ratio in ((LS, o.ls_attainment), (BE, o.be_attainment)):
+                if ratio is not None:
+                    m.slo_attainment.labels(load.replica_id, cls.label).set(ratio)
         m.replicas.set(len(self._replicas))
         self._export_queues()
 
     def _export_queues(self) -> None:
-        self._metrics.queue_depth.labels(LS).set(self._queued(LS))
-        self._metrics.queue_depth.labels(BE).set(self._queued(BE))
+        for cls in (LS, BE):
+            self._metrics.queue_depth.labels(cls.label).set(self._queued(cls))
         self._metrics.be_held.set(len(self._held))
 
-    def stats(self) -> dict[str, Any]:
-        """Queue depth, SLO attainment per replica and class, placement counters."""
-        replicas = {}
-        self._forget_silent()
-        for rid, r in self._replicas.items():
-            o = outlook(r.load, r.placed[LS], r.placed[BE], self._s.ls_ttft_slo_s, self._s.slo_window)
-            replicas[rid] = {
-                "load": r.load.to_dict(),
-                "predicted_ls_ttft_s": o.predicted_ls_ttft_s,
-                "be_spare": o.be_spare,
-                "at_risk": at_risk(o, self._s.ls_ttft_slo_s, self._s.slo_target),
-                "attainment": self._attainment(r.load),
-            }
-        return {"held_be": len(self._held), "replicas": replicas, **self._counters}
+    async def stats(self) -> RouterStats:
+        """Each replica's outlook (its load, predicted LS TTFT, BE spare, attainment, risk) and the counters."""
+        return RouterStats(
+            replicas={o.replica_id: o for o in self._outlooks()},
+            be_held=len(self._held),
+            placed_ls=self._placed[LS],
+            placed_be=self._placed[BE],
+            be_holds=self._be_holds,
+            rejected=self._rejected,
+        )
 
-    def check_health(self) -> None:
-        """Serve's health check."""
+    async def check_health(self) -> None:
+        """Serve's health check (a coroutine like every method here, so it never runs in Serve's threads)."""

@@ -40,7 +40,10 @@ class AppSettings:
     slo_target: float = 0.99
     """Fraction of requests that must meet the SLO; below it a replica counts as at risk."""
     slo_window: int = 200
-    """Recent requests per replica and class over which attainment is computed."""
+    """Most recent requests per replica and class over which attainment is computed."""
+    slo_window_s: float = 60.0
+    """Attainment and the typical TTFTs the router predicts from count only TTFTs observed this many seconds
+    back at most, so a short slow burst stops marking a replica at risk once it is this old."""
     be_hold_max_s: float = 5.0
     """Longest the router holds a BE request back (its aging bound at the router)."""
     max_queued_be: int = 256
@@ -53,6 +56,9 @@ class AppSettings:
     """Largest accepted request body."""
     placement_attempts: int = 3
     """Replicas tried for a request that has no token yet when its replica dies."""
+    engine_stall_timeout_s: float = 60.0
+    """Longest an engine loop may have work yet finish no step before its replica's health check fails and
+    Serve replaces the replica. Far above one step: a long CPU prefill at `iteration` granularity is one."""
     log_prompts: bool = False
     """Put prompt text (its first 2000 characters) in the per-request log lines; off, lines carry no user text."""
     api_key_file: str | None = None
@@ -73,7 +79,15 @@ class AppSettings:
             "placement_attempts",
         ):
             require_positive_int(name, getattr(self, name))
-        for name in ("ls_ttft_slo_s", "be_ttft_slo_s", "be_hold_max_s", "stats_period_s", "num_cpus"):
+        for name in (
+            "ls_ttft_slo_s",
+            "be_ttft_slo_s",
+            "be_hold_max_s",
+            "slo_window_s",
+            "stats_period_s",
+            "num_cpus",
+            "engine_stall_timeout_s",
+        ):
             require_positive_number(name, getattr(self, name))
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int | float) or self.num_gpus < 0:
             raise ConfigError(f"num_gpus={self.num_gpus!r} must be a number >= 0")

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=EngineConfig.model, help="'tiny', 'bench' or a checkpoint directory")
-    parser.add_argument("--policy", default=EngineConfig.policy, help="fcfs, priority or qllm")
+    parser.add_argument("--policy", default=EngineConfig.policy, help="fcfs, priority, chunked or qllm")
     parser.add_argument("--granularity", default=EngineConfig.granularity, help="iteration, layer or expert")
     parser.add_argument("--device", default=EngineConfig.device)
     parser.add_argument("--requests", type=int, default=20)

@@ -86,7 +86,8 @@ class Engine:
         request_id: str | None = None,
         ttft_deadline_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs of one request. Bad input raises `InvalidRequestError` here, at the call."""
+        """Stream one request's outputs, each carrying what is new since the one before (the finished one
+        also the whole text). Bad input raises `InvalidRequestError` here, at the call."""
         if (prompt is None) == (prompt_token_ids is None):
             raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids", param="prompt")
         if prompt is not None:

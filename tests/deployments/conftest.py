@@ -30,12 +30,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def engine_replica_actors() -> list[str]:
-    """Names of the live EngineReplica actors (Serve keeps them in the 'serve' namespace)."""
+def engine_replica_actors(app: str = "qllm") -> list[str]:
+    """Names of `app`'s live EngineReplica actors (Serve keeps them in the 'serve' namespace)."""
     return sorted(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "qllm#EngineReplica" in a["name"] and a["namespace"] == "serve"
+        if f":{app}#EngineReplica#" in a["name"] and a["namespace"] == "serve"
     )
 
 

@@ -45,6 +45,14 @@ def test_missing_or_wrong_key_is_401_on_every_api_route(locked_app: str, header:
         assert KEY not in r.text
 
 
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
+def test_no_documentation_route_answers_without_the_key(locked_app: str, path: str) -> None:
+    # The doc routes are off (they bypass the key check, and the schema would describe no body anyway).
+    r = httpx.get(f"{locked_app}{path}", timeout=30)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["type"] == "not_found_error"
+
+
 def test_right_key_works_is_not_logged_and_health_needs_none(locked_app: str) -> None:
     assert httpx.get(f"{locked_app}/health", timeout=30).status_code == 200
     r = httpx.post(

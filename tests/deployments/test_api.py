@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 
+from deployments.settings import AppSettings
+from tests.deployments.conftest import APP_ARGS
 from tests.deployments.logs import serve_log_lines, serve_log_text
 
 pytestmark = pytest.mark.integration
@@ -117,7 +121,9 @@ def test_priority_from_header_and_body(serve_app: str) -> None:
         (b'{"prompt": ""}', 400, "prompt"),
         (b'{"prompt": "x", "priority": "urgent"}', 400, "priority"),
         (b'{"prompt": "x", "bogus_field": 1}', 400, "bogus_field"),
-        (b'{"prompt": "x", "n": 3}', 400, "n"),
+        (b'{"prompt": "x", "n": 0}', 400, "n"),
+        (b'{"prompt": "x", "presence_penalty": 5}', 400, "presence_penalty"),
+        (b'{"prompt": "x", "logprobs": 99}', 400, "logprobs"),
         (b'{"prompt": "x", "model": "nope"}', 404, "model"),
         (b'{"prompt": [5], "max_tokens": 4096}', 413, "max_tokens"),
         (
@@ -139,6 +145,62 @@ def test_bad_requests_get_openai_errors(serve_app: str, body: bytes, status: int
         assert error["param"] == param
     ok = httpx.post(f"{serve_app}/v1/completions", json={"prompt": "fine", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+def _status_before_the_body_ends(base: str, head: bytes, body_start: bytes) -> int:
+    """Send the request line, headers and the start of a body, never the rest; the status that comes back.
+
+    A server that waited for the whole body would never answer: the socket's timeout ends the test then.
+    """
+    url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as conn:
+        conn.sendall(head + body_start)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = conn.recv(4096)
+            assert chunk, "the server closed the connection without an answer"
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_declared_body_over_the_limit_is_413_before_any_of_it_is_read(serve_app: str) -> None:
+    limit = AppSettings.from_dict(APP_ARGS).max_body_bytes
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {limit + 1}\r\n\r\n"
+    ).encode()
+    assert _status_before_the_body_ends(serve_app, head, b"") == 413
+
+
+def test_a_streamed_body_is_413_as_soon_as_it_passes_the_limit(serve_app: str) -> None:
+    limit = AppSettings.from_dict(APP_ARGS).max_body_bytes
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b'{"prompt": "' + b"x" * limit
+    # One chunk past the limit and no last chunk: the body has no end, and no length was declared.
+    assert _status_before_the_body_ends(serve_app, head, f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") == 413
+    ok = httpx.post(f"{serve_app}/v1/completions", json={"prompt": "fine", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_streamed_text_never_splits_a_character_and_adds_up_to_the_whole_text(serve_app: str) -> None:
+    # The tiny model's byte-level tokenizer was trained on ASCII text, so every non-ASCII character it writes
+    # spans several tokens. Seeded sampling repeats itself: find a seed whose output has such a character.
+    for seed in range(16):
+        req = {"prompt": "héllo wörld", "max_tokens": 48, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+        whole = httpx.post(f"{serve_app}/v1/completions", json=req, timeout=60).json()["choices"][0]["text"]
+        if any(ord(c) > 0x7F and c != "\ufffd" for c in whole):
+            break
+    else:
+        raise AssertionError("no seed gave an output with a non-ASCII character")
+    with httpx.stream("POST", f"{serve_app}/v1/completions", json={**req, "stream": True}, timeout=60) as r:
+        events = sse_events(r)
+    deltas = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+    for delta in deltas:
+        delta.encode("utf-8")  # strict: a lone surrogate (half a character) would raise
+    # The non-streamed text is decoded once from all the tokens: a character split between two deltas
+    # would have become U+FFFD in them, and they would not add up to it.
+    assert "".join(deltas) == whole
 
 
 def test_prompt_longer_than_context_is_413(serve_app: str) -> None:
@@ -165,9 +227,9 @@ def test_client_that_disconnects_has_its_request_aborted_on_the_replica(serve_ap
     router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
-        loads = [r["load"] for r in router.stats.remote().result(timeout_s=10)["replicas"].values()]
-        if loads and all(x["kv_usage"] == 0 and x["ls_running"] + x["be_running"] == 0 for x in loads):
-            assert max(x["reported_at"] for x in loads) - hung_up_at <= 1.0, loads
+        loads = [o.load for o in router.stats.remote().result(timeout_s=10).replicas.values()]
+        if loads and all(x.kv_usage == 0 and x.ls.running + x.be.running == 0 for x in loads):
+            assert max(x.reported_at for x in loads) - hung_up_at <= 1.0, loads
             return
         time.sleep(0.1)
     raise AssertionError(f"the abandoned request still holds resources: {loads}")

@@ -36,6 +36,14 @@ FIELDS = [
     "ttft_deadline_ms",
     "n",
     "logprobs",
+    "top_logprobs",
+    "echo",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "max_completion_tokens",
+    "tools",
+    "response_format",
     "x-unknown",
 ]
 ROUTES = ["/v1/completions", "/v1/chat/completions"]
@@ -53,13 +61,22 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=8,
 )
+parts = st.lists(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio", "x"]), "text": scalars}),
+    max_size=3,
+)
 messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": scalars}),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]), "content": scalars | parts}
+    ),
     max_size=3,
 )
 # Values that are valid often enough to reach the engine, with a bounded cost when they are.
 likely = {
-    "prompt": st.text(max_size=30) | st.lists(st.integers(min_value=-5, max_value=500), max_size=20),
+    "prompt": st.text(max_size=30)
+    | st.lists(st.integers(min_value=-5, max_value=500), max_size=20)
+    | st.lists(st.text(max_size=10), max_size=3)
+    | st.lists(st.lists(st.integers(min_value=-5, max_value=500), max_size=5), max_size=3),
     "top_p": st.floats(min_value=-0.5, max_value=1.5),
     "top_k": st.integers(min_value=-2, max_value=50),
     "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=6),
@@ -70,6 +87,14 @@ likely = {
     "temperature": st.floats(min_value=-1, max_value=3),
     "stream": st.booleans(),
     "priority": st.sampled_from(["ls", "be", "latency_sensitive", "best_effort", "urgent", ""]),
+    # n, prompt lists and log-probabilities fan a call out or enlarge its answer: kept small so it stays cheap
+    "n": st.integers(min_value=-1, max_value=3),
+    "logprobs": st.booleans() | st.integers(min_value=-1, max_value=25),
+    "top_logprobs": st.integers(min_value=-1, max_value=25),
+    "echo": st.booleans(),
+    "presence_penalty": st.floats(min_value=-3, max_value=3),
+    "frequency_penalty": st.floats(min_value=-3, max_value=3),
+    "repetition_penalty": st.floats(min_value=-0.5, max_value=3),
 }
 
 

@@ -97,7 +97,7 @@ def test_overload_sheds_be_with_429_and_keeps_ls_within_its_slo(small_app: str) 
     assert not slow, [(round(r["ttft"], 3), serve_log_lines("small", r["id"])) for r in slow]
     # The router counted what it shed.
     router = serve.get_deployment_handle("PriorityRouter", app_name="small")
-    assert router.stats.remote().result(timeout_s=30)["rejected"] >= outcomes[429]
+    assert router.stats.remote().result(timeout_s=30).rejected >= outcomes[429]
 
 
 async def _starve(base: str, duration_s: float) -> tuple[dict, list[dict]]:

@@ -137,9 +137,8 @@ def _engines_idle(timeout: float = 60) -> None:
     router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
     while time.monotonic() < deadline:
         stats = router.stats.remote().result(timeout_s=30)
-        loads = [r["load"] for r in stats["replicas"].values()]
-        busy = sum(v for load in loads for k, v in load.items() if k.endswith(("_waiting", "_running")))
-        if loads and busy == 0 and stats["held_be"] == 0:
+        busy = sum(o.load.in_flight for o in stats.replicas.values())
+        if stats.replicas and busy == 0 and stats.be_held == 0:
             return
         time.sleep(0.5)
     raise AssertionError("the engines did not go idle")

@@ -1,8 +1,9 @@
 """Placing a request again when its replica dies before the first token (the ingress's retry rule).
 
 The streams here stand in for replica streams: one raises Ray's own `RayActorError` on its first item,
-as a stream from a killed replica does. (The live kill tests are in test_faults.py; which requests wait
-on the victim there depends on timing, so this rule is pinned here.)
+as a stream from a killed replica does; another yields the retryable `StreamError` that a replica whose
+engine loop died answers with. (The live kill tests are in test_faults.py and test_health.py; which
+requests wait on the victim there depends on timing, so this rule is pinned here.)
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ from typing import Any
 import pytest
 import ray.exceptions
 
-from deployments.ingress import first_item
+from deployments.ingress import first_item, next_item
 from deployments.openai_api import ApiError
+from deployments.protocol import StreamError, StreamItem
+
+
+def _item(text: str) -> StreamItem:
+    return StreamItem(text, (1,), 1, 3, False, None, 0.01, "replica-a")
 
 
 class _Stream:
     """A replica stream: its items, or an error raised on the first one."""
 
-    def __init__(self, items: list[dict[str, Any]], fail: BaseException | None = None) -> None:
+    def __init__(self, items: list[StreamItem | StreamError], fail: BaseException | None = None) -> None:
         self._items = iter(items)
         self._fail = fail
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[StreamItem | StreamError]:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
+    async def __anext__(self) -> StreamItem | StreamError:
         if self._fail is not None:
             raise self._fail
         try:
@@ -49,10 +55,40 @@ def _starts(*streams: _Stream) -> tuple[list[int], Any]:
 
 def test_a_dead_replica_before_the_first_token_means_another_placement() -> None:
     dead = _Stream([], fail=ray.exceptions.RayActorError())
-    alive = _Stream([{"delta": "a"}, {"delta": "b"}])
+    alive = _Stream([_item("a"), _item("b")])
     placed, start = _starts(dead, alive)
     first, stream = asyncio.run(first_item(3, start))
-    assert first == {"delta": "a"} and stream is alive and len(placed) == 2
+    assert first == _item("a") and stream is alive and len(placed) == 2
+
+
+def test_a_replica_whose_engine_stopped_before_the_first_token_means_another_placement() -> None:
+    stopped = _Stream([StreamError(503, "the engine loop died", retryable=True)])
+    alive = _Stream([_item("a")])
+    placed, start = _starts(stopped, alive)
+    first, stream = asyncio.run(first_item(3, start))
+    assert first == _item("a") and stream is alive and len(placed) == 2
+
+
+def test_a_refused_request_is_not_placed_again() -> None:
+    refused = StreamError(400, "max_tokens is too large", "max_tokens")
+    placed, start = _starts(_Stream([refused]), _Stream([_item("never")]))
+    first, _ = asyncio.run(first_item(3, start))
+    assert first == refused and len(placed) == 1
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        _Stream([StreamError(503, "the engine loop died", retryable=True)]),
+        _Stream([], fail=ray.exceptions.RayActorError()),
+        _Stream([]),
+    ],
+    ids=["engine stopped", "replica died", "stream cut short"],
+)
+def test_a_failure_mid_request_ends_it_with_replica_failed(stream: _Stream) -> None:
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(next_item(stream))
+    assert caught.value.status == 503 and caught.value.code == "replica_failed"
 
 
 def test_placements_are_bounded_and_end_in_a_503() -> None:
@@ -63,11 +99,11 @@ def test_placements_are_bounded_and_end_in_a_503() -> None:
 
 
 def test_other_failures_are_not_retried() -> None:
-    placed, start = _starts(_Stream([]), _Stream([{"delta": "never"}]))
+    placed, start = _starts(_Stream([]), _Stream([_item("never")]))
     with pytest.raises(ApiError) as caught:  # a stream that ends without output is a bug, not a dead replica
         asyncio.run(first_item(3, start))
     assert caught.value.status == 500 and len(placed) == 1
-    placed, start = _starts(_Stream([], fail=ValueError("boom")), _Stream([{"delta": "never"}]))
+    placed, start = _starts(_Stream([], fail=ValueError("boom")), _Stream([_item("never")]))
     with pytest.raises(ValueError, match="boom"):
         asyncio.run(first_item(3, start))
     assert len(placed) == 1

@@ -1,0 +1,163 @@
+"""Health that means it: an engine replica whose engine loop died fails its health checks and Serve replaces
+it, while every request that was in flight there ends with an explicit error (or is placed again)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import ray.exceptions
+from ray import serve
+
+from deployments.app import build_app
+from deployments.replica import FAULT_INJECTION_ENV, EngineReplica
+from deployments.settings import AppSettings
+from qllm_core.errors import ConfigError, EngineStalledError
+from tests.deployments.conftest import APP_ARGS, engine_replica_actors, wait_healthy
+
+LONG = 400
+"""Tokens per long request: enough that every one is still decoding when the loop is killed."""
+STREAMS = 8
+"""Long streams, and as many long whole answers, in flight when the loop is killed."""
+AFTER = 6
+"""Short requests sent just after the kill: they have no token yet anywhere."""
+REPLACED_WITHIN_S = 120.0
+"""Bound on Serve replacing the victim: three failed health checks 2 s apart, then a new replica's start."""
+
+
+class _Engine:
+    """Stands in for the engine: records the bound it is checked against, raises what it is given."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.bounds: list[float] = []
+        self.error = error
+
+    def check_health(self, stall_timeout_s: float) -> None:
+        self.bounds.append(stall_timeout_s)
+        if self.error is not None:
+            raise self.error
+
+    def shutdown(self, timeout: float) -> None:
+        pass
+
+
+def _replica(engine: _Engine, settings: AppSettings) -> EngineReplica:
+    replica = object.__new__(EngineReplica)  # no Serve replica context here: only what check_health reads
+    replica._engine = engine  # type: ignore[assignment]
+    replica._settings = settings
+    return replica
+
+
+def test_the_health_check_asks_the_engine_with_the_configured_stall_bound() -> None:
+    healthy = _Engine()
+    _replica(healthy, AppSettings(engine_stall_timeout_s=7.5)).check_health()
+    assert healthy.bounds == [7.5]
+    stalled = _Engine(EngineStalledError("the engine loop has had work but finished no step for 8 s"))
+    with pytest.raises(EngineStalledError):
+        _replica(stalled, AppSettings(engine_stall_timeout_s=7.5)).check_health()
+
+
+def test_the_stall_bound_defaults_to_a_minute_and_must_be_positive() -> None:
+    assert AppSettings().engine_stall_timeout_s == 60.0
+    with pytest.raises(ConfigError, match="engine_stall_timeout_s"):
+        AppSettings.from_dict({"engine_stall_timeout_s": 0})
+
+
+@pytest.fixture(scope="module")
+def faulty_app(serve_app: str) -> Iterator[str]:
+    """A second application on the session's cluster, two replicas, built with fault injection on."""
+    os.environ[FAULT_INJECTION_ENV] = "1"
+    try:
+        app = build_app({**APP_ARGS, "replicas": 2})
+    finally:
+        del os.environ[FAULT_INJECTION_ENV]
+    serve.run(app, name="faulty", route_prefix="/faulty", blocking=False)
+    base = f"{serve_app}/faulty"
+    wait_healthy(base, replicas=2, app="faulty")
+    yield base
+    serve.delete("faulty")
+
+
+async def _stream(client: httpx.AsyncClient, base: str, i: int, started: asyncio.Event) -> dict[str, object]:
+    body = {"prompt": f"stream {i}", "max_tokens": LONG, "stream": True, "ignore_eos": True}
+    body["priority"] = "ls" if i % 2 else "be"
+    tokens, error, done = 0, None, False
+    async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+            elif "error" in (event := json.loads(line[6:])):
+                error = event["error"]
+            elif event["choices"][0]["text"]:
+                tokens += 1
+                started.set()
+    return {"tokens": tokens, "error": error, "done": done}
+
+
+async def _post(client: httpx.AsyncClient, base: str, max_tokens: int) -> httpx.Response:
+    body = {"prompt": "whole", "max_tokens": max_tokens, "ignore_eos": True}
+    return await client.post(f"{base}/v1/completions", json=body, timeout=120)
+
+
+async def _kill_loop_under_load(base: str) -> tuple[str, list[dict[str, object]], list[httpx.Response]]:
+    """Long streams and whole answers on both replicas; kill one engine loop; requests keep arriving."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as client:
+        streams, whole = [], []
+        for i in range(STREAMS):  # one by one, each seen streaming, so that load reports spread them over both replicas
+            started = asyncio.Event()
+            streams.append(asyncio.create_task(_stream(client, base, i, started)))
+            whole.append(asyncio.create_task(_post(client, base, LONG)))
+            await asyncio.wait_for(started.wait(), timeout=60)
+        handle = serve.get_deployment_handle("EngineReplica", app_name="faulty")
+        victim = await handle.kill_engine_loop.remote()
+        after = [asyncio.create_task(_post(client, base, 4)) for _ in range(AFTER)]
+        results = await asyncio.wait_for(asyncio.gather(*streams), timeout=180)
+        answers = await asyncio.wait_for(asyncio.gather(*whole, *after), timeout=180)
+    return victim, list(results), list(answers)
+
+
+@pytest.mark.integration
+def test_a_dead_engine_loop_ends_its_requests_explicitly_and_serve_replaces_the_replica(faulty_app: str) -> None:
+    before = engine_replica_actors("faulty")
+    victim, streams, answers = asyncio.run(_kill_loop_under_load(faulty_app))
+    assert any(victim in name for name in before)
+    for s in streams:  # each stream ended with [DONE]: in full, or after an explicit error event
+        assert s["done"], s
+        if s["error"] is None:
+            assert s["tokens"] >= LONG // 8, s  # a chunk carries one or more tokens' text
+        else:
+            assert s["error"]["code"] == "replica_failed" and s["error"]["message"], s  # type: ignore[index]
+    assert any(s["error"] for s in streams), "the victim's streams must have been cut"
+    assert any(s["error"] is None for s in streams), "the other replica must finish its streams"
+    # Whole answers: complete, or an explicit 503 (cut mid-way, or every placement landed on the victim).
+    for r, asked in zip(answers, [LONG] * STREAMS + [4] * AFTER, strict=True):
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            assert r.json()["usage"]["completion_tokens"] == asked
+        else:
+            assert r.json()["error"]["message"], r.text
+    print(f"whole answers: {[r.status_code for r in answers]}")
+    # The victim fails its health checks and Serve replaces it (with a check that never fails, it stays).
+    deadline = time.monotonic() + REPLACED_WITHIN_S
+    while any(victim in name for name in engine_replica_actors("faulty")):
+        assert time.monotonic() < deadline, "Serve did not replace the replica whose engine loop died"
+        time.sleep(0.5)
+    wait_healthy(faulty_app, replicas=2, app="faulty")
+    ok = httpx.post(f"{faulty_app}/v1/completions", json={"prompt": "after", "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.integration
+def test_the_fault_hook_is_refused_where_fault_injection_is_off(serve_app: str) -> None:
+    handle = serve.get_deployment_handle("EngineReplica", app_name="qllm")
+    with pytest.raises(ray.exceptions.RayTaskError, match=FAULT_INJECTION_ENV):
+        handle.kill_engine_loop.remote().result(timeout_s=60)
+    assert httpx.post(f"{serve_app}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).is_success
