@@ -16,12 +16,9 @@ their strict form (unknown fields rejected) by the `kubernetes-validate` package
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -225,17 +222,3 @@ def check_document(doc: Any, validators: CrdValidators) -> list[str]:
     key = (doc["apiVersion"], doc["kind"])
     errors += check_custom(doc, validators) if key in validators else check_core(doc)
     return errors
-
-
-def load_generator(path: Path) -> ModuleType:
-    """k8s/generate.py is a script, not a package module: load it from its path (one module object)."""
-    name = "qllm_k8s_generate"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module

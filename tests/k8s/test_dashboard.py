@@ -1,43 +1,46 @@
 """The Grafana dashboard in k8s/grafana-dashboard-configmap.yaml: the ConfigMap carries exactly the generated
 JSON, every query goes to the `datasource` variable, every query names metrics the application exports (as
 Ray's export spells them, from the metric specs in the code, not from a list kept here) with labels those
-metrics have, and the panels the operators asked for exist, their SLO lines at serve_config.yaml's values.
-
-PromQL is not parsed: the checks are regular expressions over the queries, which is enough for the plain
-aggregations the dashboard uses, and each check is shown to catch a broken copy of the dashboard."""
+metrics have, the panels the operators asked for exist, their SLO lines at serve_config.yaml's values, and
+every metric spec is on some panel (a new one gets a default panel)."""
 
 from __future__ import annotations
 
-import functools
 import json
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from qllm_k8s.cluster import APP_LABELS
+from qllm_k8s.dashboard import ALL_METRICS, DASHBOARD_KEY, dashboard_json
+from qllm_k8s.files import DASHBOARD_CONFIGMAP_PATH, render
+from qllm_k8s.serve_config import app_args, k8s_serve_config, load_serve_config
+from qllm_k8s.spec_panels import TITLE as DEFAULT_PANELS_ROW
 
-from tests.k8s.manifest_check import load_documents, load_generator
+from qllm_core.metrics import CLASS, Kind, MetricSpec
+from tests.k8s.manifest_check import load_documents
+from tests.k8s.promql_check import (
+    SERVE_LABELS,
+    datasource_problems,
+    grouping_labels,
+    known_series,
+    metric_names,
+    metric_problems,
+    query_panels,
+    query_problems,
+    spec_series,
+    targets,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-K8S = REPO / "k8s"
-CONFIGMAP = K8S / "grafana-dashboard-configmap.yaml"
-RULES = K8S / "rules" / "qllm-rules.yaml"
-
-# Labels Ray Serve adds to the metrics a replica records (deployments/metrics.py, RayBackend).
-SERVE_LABELS = frozenset({"deployment", "replica", "application"})
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+CONFIGMAP = Path(__file__).resolve().parents[2] / "k8s" / "grafana-dashboard-configmap.yaml"
 # kubectl apply (client side) keeps the whole object in an annotation; annotations are limited to 256 KiB.
 KUBECTL_ANNOTATION_LIMIT = 256 * 1024
 
 
-gen = load_generator(K8S / "generate.py")
-
-
 def _args() -> dict[str, Any]:
     """The application args the generated files are made from (the k8s variant's)."""
-    return gen.app_args(gen.k8s_serve_config(gen.load_serve_config()))
+    return app_args(k8s_serve_config(load_serve_config()))
 
 
 def _configmap() -> dict[str, Any]:
@@ -48,150 +51,7 @@ def _configmap() -> dict[str, Any]:
 
 def _dashboard() -> dict[str, Any]:
     """The dashboard as committed, parsed from the ConfigMap."""
-    return json.loads(_configmap()["data"][gen.DASHBOARD_KEY])
-
-
-# --- what the application exports ----------------------------------------------------------------------
-
-
-@functools.cache
-def known_series() -> Mapping[str, frozenset[str]]:
-    """Every series name a query may use, mapped to the labels it carries: the engine's and the router's
-    metrics as Ray's export names them, and the recording rules of k8s/rules/qllm-rules.yaml."""
-    from deployments.metrics import RAY_PREFIX, ROUTER_METRICS
-    from qllm_core.metrics import ENGINE_METRICS, exported_names
-
-    known: dict[str, frozenset[str]] = {}
-    for specs, extra in ((ENGINE_METRICS, SERVE_LABELS), (ROUTER_METRICS, frozenset())):
-        names = exported_names(specs)
-        for spec in specs:
-            for name in spec.exported_names():
-                assert name in names
-                le = {"le"} if name.endswith("_bucket") else set()
-                known[RAY_PREFIX + name] = frozenset(spec.labels) | extra | le
-    for group in yaml.safe_load(RULES.read_text())["groups"]:
-        for rule in group["rules"]:
-            if "record" in rule:
-                labels = set(rule.get("labels", {})) | grouping_labels(rule["expr"])
-                known[rule["record"]] = known.get(rule["record"], frozenset()) | labels
-    return known
-
-
-def _priority_classes() -> set[str]:
-    from qllm_core.request import PriorityClass
-
-    return {c.label for c in PriorityClass}
-
-
-# --- reading PromQL ------------------------------------------------------------------------------------
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-_SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
-_MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
-_GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")  # `without` keeps unknown labels: the dashboard does not use it
-_AGGREGATION = re.compile(r"\b(?:sum|min|max|avg|count|group|stddev|stdvar|topk|bottomk|quantile)\s*(?:by\b|\()")
-_RANGE_FUNCTION = re.compile(r"\b(rate|irate|increase)\s*\(\s*([A-Za-z_:][A-Za-z0-9_:]*)[^\[]*\[([^\]]*)\]")
-_LEGEND_LABEL = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def metric_names(expr: str) -> set[str]:
-    """The names in `expr` that claim to be the application's series: every identifier outside string
-    literals that mentions `qllm` (`ray_qllm_...`, a recording rule `qllm:...`, a bare `qllm_...` missing
-    Ray's prefix) or starts with `ray_`."""
-    code = _STRING.sub('""', expr)
-    return {name for name in _IDENTIFIER.findall(code) if "qllm" in name or name.startswith("ray_")}
-
-
-def grouping_labels(expr: str) -> set[str]:
-    """The labels of every `by (...)` clause in `expr`."""
-    return {label.strip() for clause in _GROUPING.findall(expr) for label in clause.split(",") if label.strip()}
-
-
-def _balanced(expr: str) -> bool:
-    """Whether the brackets of `expr` (outside string literals) pair up."""
-    pairs = {")": "(", "]": "[", "}": "{"}
-    stack: list[str] = []
-    for char in _STRING.sub('""', expr):
-        if char in "([{":
-            stack.append(char)
-        elif char in pairs and (not stack or stack.pop() != pairs[char]):
-            return False
-    return not stack
-
-
-# --- the checks ----------------------------------------------------------------------------------------
-
-
-def _query_panels(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The panels that show data (rows only group them)."""
-    return [panel for panel in dashboard["panels"] if panel["type"] != "row"]
-
-
-def _targets(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for panel in _query_panels(dashboard):
-        for target in panel.get("targets", []):
-            yield f"panel {panel['title']!r} query {target.get('refId')}", target
-
-
-def metric_problems(dashboard: Mapping[str, Any], known: Mapping[str, frozenset[str]]) -> list[str]:
-    """Queries that name no known series, or a series the application does not export."""
-    problems = []
-    for where, target in _targets(dashboard):
-        names = metric_names(target.get("expr", ""))
-        if not names & known.keys():
-            problems.append(f"{where}: names none of the application's series")
-        problems += [
-            f"{where}: {name} is not a series the application exports" for name in sorted(names - known.keys())
-        ]
-    return problems
-
-
-def query_problems(dashboard: Mapping[str, Any], known: Mapping[str, frozenset[str]]) -> list[str]:
-    """Queries whose labels, rate() windows, legends or brackets cannot be right for the series they use."""
-    problems = []
-    classes = _priority_classes()
-    for where, target in _targets(dashboard):
-        expr = target["expr"]
-        labels = set().union(*(known.get(name, frozenset()) for name in metric_names(expr)))
-        if not _balanced(expr):
-            problems.append(f"{where}: unbalanced brackets")
-        for metric, matchers in _SELECTOR.findall(expr):
-            for label, value in _MATCHER.findall(matchers):
-                if label not in known.get(metric, frozenset()):
-                    problems.append(f"{where}: {metric} has no label {label}")
-                if label == "priority_class" and value not in classes:
-                    problems.append(f"{where}: priority_class {value!r} is not one of {sorted(classes)}")
-        grouped = grouping_labels(expr)
-        problems += [f"{where}: groups by {label}, which none of its series has" for label in sorted(grouped - labels)]
-        # Legends name labels that survive the aggregation (`le` does not survive histogram_quantile).
-        legend_labels = set(_LEGEND_LABEL.findall(target.get("legendFormat", "")))
-        available = grouped - {"le"} if _AGGREGATION.search(expr) else labels
-        problems += [
-            f"{where}: legend uses {label}, absent from the result" for label in sorted(legend_labels - available)
-        ]
-        for function, metric, window in _RANGE_FUNCTION.findall(expr):
-            if window != "$__rate_interval":
-                problems.append(f"{where}: {function}() over [{window}] rather than [$__rate_interval]")
-            if not metric.endswith(("_total", "_bucket", "_count")):
-                problems.append(f"{where}: {function}() of {metric}, which is not a counter")
-    return problems
-
-
-def datasource_problems(dashboard: Mapping[str, Any]) -> list[str]:
-    """A missing `datasource` variable, or a panel or query not using it."""
-    problems = []
-    variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
-    variable = variables.get("datasource", {})
-    if (variable.get("type"), variable.get("query")) != ("datasource", "prometheus"):
-        problems.append("no `datasource` template variable of type datasource for prometheus")
-    for panel in _query_panels(dashboard):
-        if panel.get("datasource") != DATASOURCE:
-            problems.append(f"panel {panel['title']!r}: datasource {panel.get('datasource')!r}")
-    for where, target in _targets(dashboard):
-        if target.get("datasource") != DATASOURCE:
-            problems.append(f"{where}: datasource {target.get('datasource')!r}")
-    return problems
+    return json.loads(_configmap()["data"][DASHBOARD_KEY])
 
 
 # --- the ConfigMap -------------------------------------------------------------------------------------
@@ -202,12 +62,11 @@ def test_configmap_holds_exactly_the_generated_dashboard() -> None:
     assert configmap["apiVersion"] == "v1"
     labels = configmap["metadata"]["labels"]
     assert labels["grafana_dashboard"] == "1"  # the string the sidecar matches, not the YAML integer 1
-    assert gen.APP_LABELS.items() <= labels.items()
+    assert APP_LABELS.items() <= labels.items()
     assert "namespace" not in configmap["metadata"]  # like every manifest in k8s/: the namespace applied to
-    assert set(configmap["data"]) == {gen.DASHBOARD_KEY}
-    text = configmap["data"][gen.DASHBOARD_KEY]
-    assert text == gen.dashboard_json(gen.load_serve_config())
-    assert json.loads(text) == gen.dashboard(gen.load_serve_config())
+    assert set(configmap["data"]) == {DASHBOARD_KEY}
+    assert configmap["data"][DASHBOARD_KEY] == dashboard_json(load_serve_config())
+    assert CONFIGMAP == DASHBOARD_CONFIGMAP_PATH
 
 
 def test_configmap_fits_kubectl_apply() -> None:
@@ -231,7 +90,7 @@ def test_datasource_is_a_variable_every_query_uses() -> None:
 
 def test_every_panel_has_a_query() -> None:
     dashboard = _dashboard()
-    panels = _query_panels(dashboard)
+    panels = query_panels(dashboard)
     assert len(panels) >= 9
     for panel in panels:
         exprs = [t.get("expr", "").strip() for t in panel.get("targets", [])]
@@ -262,13 +121,13 @@ def test_queries_fit_the_series_they_use() -> None:
 
 def test_no_query_uses_a_histogram_mean() -> None:
     """Ray rebuilds histogram `_sum`s from bucket midpoints: a mean from them would be made up."""
-    used = {name for _, target in _targets(_dashboard()) for name in metric_names(target["expr"])}
+    used = {name for _, target in targets(_dashboard()) for name in metric_names(target["expr"])}
     assert not {name for name in used if name.endswith("_sum")}
 
 
 def _typo(dashboard: dict[str, Any], old: str, new: str) -> None:
     """Replace `old` by `new` in the first query that has it."""
-    for _, target in _targets(dashboard):
+    for _, target in targets(dashboard):
         if old in target["expr"]:
             target["expr"] = target["expr"].replace(old, new)
             return
@@ -318,7 +177,7 @@ def test_query_mistakes_are_reported(case: str) -> None:
 
 def test_a_pinned_datasource_is_reported() -> None:
     dashboard = _dashboard()
-    _query_panels(dashboard)[3]["targets"][0]["datasource"] = {"type": "prometheus", "uid": "prometheus"}
+    query_panels(dashboard)[3]["targets"][0]["datasource"] = {"type": "prometheus", "uid": "prometheus"}
     assert len(datasource_problems(dashboard)) == 1
     dashboard["templating"]["list"] = []
     assert any("template variable" in p for p in datasource_problems(dashboard))
@@ -391,21 +250,21 @@ REQUIRED: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {
 @pytest.mark.parametrize("what", sorted(REQUIRED))
 def test_required_panel_exists(what: str) -> None:
     args = _args()
-    matching = [panel["title"] for panel in _query_panels(_dashboard()) if REQUIRED[what](panel, args)]
+    matching = [panel["title"] for panel in query_panels(_dashboard()) if REQUIRED[what](panel, args)]
     assert matching, f"no panel shows {what}"
 
 
 def test_slo_lines_follow_serve_config() -> None:
-    serve_config = gen.load_serve_config()
+    serve_config = load_serve_config()
     args = serve_config["applications"][0]["args"]
     args["ls_ttft_slo_s"], args["slo_target"] = 0.5, 0.95
-    changed = gen.dashboard(serve_config)
-    panels = {panel["title"]: panel for panel in _query_panels(changed)}
-    ls = [p for p in panels.values() if _ttft_against_slo(LS, "ls_ttft_slo_s")(p, gen.app_args(serve_config))]
+    changed = json.loads(dashboard_json(serve_config))
+    panels = {panel["title"]: panel for panel in query_panels(changed)}
+    ls = [p for p in panels.values() if _ttft_against_slo(LS, "ls_ttft_slo_s")(p, app_args(serve_config))]
     assert ls and all(_line_values(p) == {0.5} for p in ls)
-    assert any(_attainment(p, gen.app_args(serve_config)) for p in panels.values())
+    assert any(_attainment(p, app_args(serve_config)) for p in panels.values())
     # The committed ConfigMap is now stale: the drift check (`generate.py --check`) sees the change.
-    assert gen.render(serve_config)[gen.DASHBOARD_CONFIGMAP_PATH] != CONFIGMAP.read_text()
+    assert render(serve_config)[DASHBOARD_CONFIGMAP_PATH] != CONFIGMAP.read_text()
 
 
 def test_panels_tile_the_grid() -> None:
@@ -417,3 +276,67 @@ def test_panels_tile_the_grid() -> None:
         cells = {(pos["x"] + dx, pos["y"] + dy) for dx in range(pos["w"]) for dy in range(pos["h"])}
         assert not cells & taken, f"panel {panel['title']!r} overlaps another"
         taken |= cells
+
+
+# --- every metric on a panel ---------------------------------------------------------------------------
+
+
+def _panels_by_row(dashboard: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The data panels under each row's title."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current = ""
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            current = panel["title"]
+            rows[current] = []
+        else:
+            rows.setdefault(current, []).append(panel)
+    return rows
+
+
+def _series_used(panels: list[dict[str, Any]]) -> set[str]:
+    return {name for panel in panels for t in panel["targets"] for name in metric_names(t["expr"])}
+
+
+def test_every_metric_spec_is_on_a_panel() -> None:
+    used = _series_used(query_panels(_dashboard()))
+    unshown = [spec.name for spec in ALL_METRICS if not spec_series([spec]).keys() & used]
+    assert not unshown, f"no panel shows {unshown}"
+
+
+def test_default_panels_show_only_what_no_curated_panel_does() -> None:
+    rows = _panels_by_row(_dashboard())
+    defaults = rows.pop(DEFAULT_PANELS_ROW, [])
+    curated = _series_used([panel for panels in rows.values() for panel in panels])
+    for panel in defaults:
+        assert not _series_used([panel]) & curated, panel["title"]
+
+
+# Metrics another engineer might add: one of each kind, with and without labels.
+NEW_SPECS = (
+    MetricSpec(Kind.HISTOGRAM, "qllm_new_wait_seconds", "A new latency.", (CLASS,), (0.1, 1.0)),
+    MetricSpec(Kind.COUNTER, "qllm_new_events", "New events.", (CLASS, "reason")),
+    MetricSpec(Kind.GAUGE, "qllm_new_ratio", "A new share."),
+)
+
+
+def test_a_new_metric_spec_gets_a_sound_default_panel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qllm_k8s.promql
+
+    # As if the specs were added to qllm_core/metrics.py's ENGINE_METRICS.
+    monkeypatch.setattr(qllm_k8s.promql, "ENGINE_METRICS", qllm_k8s.promql.ENGINE_METRICS + NEW_SPECS)
+    dashboard = json.loads(dashboard_json(load_serve_config(), ALL_METRICS + NEW_SPECS))
+    defaults = _panels_by_row(dashboard)[DEFAULT_PANELS_ROW]
+    for spec in NEW_SPECS:
+        panels = [p for p in defaults if spec_series([spec]).keys() & _series_used([p])]
+        assert len(panels) == 1, spec.name
+        assert spec.doc in panels[0]["description"]
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in defaults}
+    assert units["qllm_new_wait_seconds p50 / p99"] == "s"
+    assert units["qllm_new_ratio"] == "percentunit"
+    known = {**known_series(), **spec_series(NEW_SPECS, SERVE_LABELS)}
+    assert metric_problems(dashboard, known) == []
+    assert query_problems(dashboard, known) == []
+    assert datasource_problems(dashboard) == []
+    events = [t["expr"] for p in defaults for t in p["targets"] if "qllm_new_events" in t["expr"]]
+    assert events and all(grouping_labels(e) == {CLASS, "reason"} for e in events)
