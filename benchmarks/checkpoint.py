@@ -5,6 +5,10 @@ saturation rate) and one line per finished run (its target, seed and rate, every
 calibration around it), each flushed as it is written. Rerunning the same command with `--resume` keeps
 those runs and makes the rest: a run cut off part way is made again, whole. Metrics are computed from the
 records at the end, as in a sweep made in one go.
+
+The seeds may change between sittings: each run's workload is drawn from its own seed and the other
+settings alone, so a sweep can be extended by seeds, or reported over the seeds it finished by resuming
+with those (the saturation rate stays the one probed in the first sitting).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from benchmarks.sweep_settings import SweepSettings, SweepSettingsError, jsonabl
 from qllm_core.timeline import Timeline
 
 CHECKPOINT_NAME = "checkpoint.jsonl"
-_UNCHECKED_SETTINGS = ("progress",)
-"""Settings that may differ between the sittings of one sweep (they do not shape its results)."""
+_UNCHECKED_SETTINGS = ("progress", "seeds")
+"""Settings that may differ between the sittings of one sweep (they do not shape any one run's results)."""
 
 RunKey = tuple[str, int, float]
 """(target label, seed, rate) of one run."""
@@ -50,6 +54,7 @@ def _settings_dict(settings: SweepSettings) -> dict[str, Any]:
     values = settings.to_dict()
     for name in _UNCHECKED_SETTINGS:
         values.pop(name, None)
+    values["workload"].pop("seed", None)  # replaced by each run's own seed
     return values
 
 

@@ -323,3 +323,32 @@ def test_a_stopped_sweep_resumes_keeping_the_runs_it_made(tmp_path: Path, capsys
     assert _strict_json(out / JSON_NAME)["records"] == again["records"]
     assert main([*argv, "--resume", "--rates=20,80"]) == 1  # other settings: refused
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_sweep_grows_by_seeds_and_reports_over_the_seeds_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "--model=tiny",
+        "--device=cpu",
+        "--policies=fcfs",
+        "--rates=40",
+        "--num-requests=3",
+        "--isolated-points=2",
+        "--isolated-trials=1",
+        "--warmup-requests=0",
+        "--calibration-batch=2",
+        "--calibration-tokens=3",
+        "--no-progress",
+        "--quiet",
+        f"--out={out}",
+    ]
+    assert main([*argv, "--seeds=0"]) == 0
+    (seed0,) = _strict_json(out / JSON_NAME)["records"]
+    assert main([*argv, "--seeds=0,1", "--resume"]) == 0
+    grown = _strict_json(out / JSON_NAME)["records"]
+    assert [r["seed"] for r in grown] == [0, 1] and grown[0]["requests"] == seed0["requests"]
+    assert grown[1]["requests"] != seed0["requests"]  # another draw of the workload
+    assert len((out / CHECKPOINT_NAME).read_text(encoding="utf-8").splitlines()) == 3  # header and two runs
+    assert main([*argv, "--seeds=1", "--resume"]) == 0  # reported over seed 1 alone, nothing run again
+    assert _strict_json(out / JSON_NAME)["records"] == grown[1:]
+    assert len((out / CHECKPOINT_NAME).read_text(encoding="utf-8").splitlines()) == 3
