@@ -62,6 +62,13 @@ class EngineConfig:
     this long resumes even with LS prompts waiting (it may be suspended again after)."""
     merge_ls_into_be: bool = False
     """Let an LS pass join a suspended BE pass at the layer where the BE pass stopped."""
+    be_decodes_in_ls_passes: bool = False
+    """Under `qllm`, let BE decodes ride in the pass that prefills LS prompts. Off: each one lengthens that
+    pass (on a CPU about as much as a token of the prompt), which the LS prompts wait out, and the BE
+    decodes lose little by taking the next pass. Measured on the CPU bench preset with ShareGPT lengths
+    near saturation (benchmarks/results/issue13-qllm-no-be-fill-0.9x): off cut LS slowdown p50 from about
+    1.8x to 1.3-1.6x and raised output tokens/s. On a GPU, where a decode row in a prefill pass costs
+    little, turning it on may pay; that is not measured."""
     default_priority: str = "latency_sensitive"
     """Class of a request that names none."""
     ttft_window: int = 256
@@ -99,8 +106,9 @@ class EngineConfig:
                 f"kv_cache_tokens={self.kv_cache_tokens} is smaller than one block (block_size={self.block_size})"
             )
         require_positive_number("be_max_wait_s", self.be_max_wait_s)
-        if not isinstance(self.merge_ls_into_be, bool):
-            raise ConfigError("merge_ls_into_be must be true or false")
+        for name in ("merge_ls_into_be", "be_decodes_in_ls_passes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false")
         try:
             PriorityClass.parse(self.default_priority)
         except ValueError as exc:
@@ -124,6 +132,7 @@ class EngineConfig:
             max_batched_tokens=self.max_batched_tokens,
             be_max_wait_s=float(self.be_max_wait_s),
             merge_ls_into_be=self.merge_ls_into_be,
+            be_decodes_in_ls_passes=self.be_decodes_in_ls_passes,
             chunk_tokens=self.chunk_tokens,
         )
 

@@ -37,6 +37,8 @@ class SchedulerConfig:
     merge_ls_into_be: bool
     chunk_tokens: int = 512
     """Token budget of one pass for the policies that split prompts into chunks (`chunked`)."""
+    be_decodes_in_ls_passes: bool = False
+    """`qllm`: BE decodes may fill a pass that prefills LS prompts."""
 
 
 @dataclass(frozen=True)

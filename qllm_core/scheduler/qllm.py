@@ -12,7 +12,8 @@ What a waiting LS prompt does to the running pass:
   that then merges back could postpone it without end.
 
 Batches: LS prompts go first, most urgent first, grouped up to a token budget so that a short prompt does
-not ride with a long one; LS and BE decodes fill the pass. With LS decodes and no LS prompt waiting, BE
+not ride with a long one; LS decodes fill the pass, BE decodes only with `be_decodes_in_ls_passes` (each
+lengthens the pass the LS prompts wait out). With LS decodes and no LS prompt waiting, BE
 prompts join the decode pass in chunks of at most `chunk_tokens` (the pass stays short: LS time per output
 token does not stall behind a long prefill); with no LS work at all, BE runs whole prompts. A long BE pass
 is suspended for LS decodes too, and resumed after their pass, so BE and LS decodes alternate a layer and
@@ -70,7 +71,8 @@ class QllmPolicy(Policy):
             builder = BatchBuilder(self.config, view, token_budget=budget)
             builder.add_in_order(ls_prompts, skip_misfits=True)
             builder.add_in_order(ls_decodes, skip_misfits=True)
-            builder.add_in_order(be_decodes, skip_misfits=True)
+            if self.config.be_decodes_in_ls_passes:
+                builder.add_in_order(be_decodes, skip_misfits=True)
             return builder.plan()
         if ls_decodes:
             builder = BatchBuilder(self.config, view, token_budget=self.config.chunk_tokens)

@@ -287,14 +287,13 @@ def test_sharegpt_sweep_at_fractions_of_the_probed_fcfs_capacity(tmp_path: Path)
     assert "capped at 6 tokens" in text and "(0.5x)" in text and "(2x)" in text
 
 
-def test_a_stopped_sweep_resumes_keeping_the_runs_it_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "out"
-    argv = [
+def _small_sweep(out: Path, *load: str) -> list[str]:
+    """A fcfs sweep on tiny with the smallest calibration, writing to `out`."""
+    return [
         "--model=tiny",
         "--device=cpu",
         "--policies=fcfs",
-        "--rates=20,40",
-        "--num-requests=4",
+        *load,
         "--isolated-points=2",
         "--isolated-trials=1",
         "--warmup-requests=0",
@@ -304,6 +303,11 @@ def test_a_stopped_sweep_resumes_keeping_the_runs_it_made(tmp_path: Path, capsys
         "--quiet",
         f"--out={out}",
     ]
+
+
+def test_a_stopped_sweep_resumes_keeping_the_runs_it_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = _small_sweep(out, "--rates=20,40", "--num-requests=4")
     assert main(argv) == 0
     first = _strict_json(out / JSON_NAME)
     checkpoint = out / CHECKPOINT_NAME
@@ -327,21 +331,7 @@ def test_a_stopped_sweep_resumes_keeping_the_runs_it_made(tmp_path: Path, capsys
 
 def test_a_sweep_grows_by_seeds_and_reports_over_the_seeds_asked_for(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = [
-        "--model=tiny",
-        "--device=cpu",
-        "--policies=fcfs",
-        "--rates=40",
-        "--num-requests=3",
-        "--isolated-points=2",
-        "--isolated-trials=1",
-        "--warmup-requests=0",
-        "--calibration-batch=2",
-        "--calibration-tokens=3",
-        "--no-progress",
-        "--quiet",
-        f"--out={out}",
-    ]
+    argv = _small_sweep(out, "--rates=40", "--num-requests=3")
     assert main([*argv, "--seeds=0"]) == 0
     (seed0,) = _strict_json(out / JSON_NAME)["records"]
     assert main([*argv, "--seeds=0,1", "--resume"]) == 0

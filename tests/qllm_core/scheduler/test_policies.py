@@ -65,14 +65,17 @@ def test_priority_orders_by_class_and_never_preempts() -> None:
     assert not policy.should_preempt(view(rs, running=running_pass({BE})))
 
 
-def test_qllm_ls_prefill_batch_is_filled_with_be_decodes_only() -> None:
+def test_qllm_ls_prefill_pass_carries_ls_work_alone_unless_be_decodes_may_ride() -> None:
     rs = [
         req("be1", BE, 0.1),
         req("ls1", LS, 0.2),
         req("bed", BE, 0.0, decoding=True),
         req("lsd", LS, 0.0, decoding=True),
     ]
-    assert plan_ids("qllm", view(rs)) == ["ls1", "lsd", "bed"]
+    assert plan_ids("qllm", view(rs)) == ["ls1", "lsd"]  # the default: BE decodes take the next pass
+    filled = POLICIES["qllm"](dataclasses.replace(CONFIG, be_decodes_in_ls_passes=True))
+    plan = filled.next_batch(view(rs))
+    assert plan is not None and list(plan.request_ids) == ["ls1", "lsd", "bed"]  # never a BE prompt
 
 
 def test_qllm_without_ls_prompts_runs_a_continuous_batch_ls_first() -> None:
