@@ -14,6 +14,7 @@ same way as LS, so requests keep flowing and the queue bounds still hold.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 # Ray Serve's default router, by the path its own RequestRouterConfig names it (ray[serve] is pinned).
@@ -36,7 +37,7 @@ class QllmRequestRouter(RequestRouter):
 
     _rules: RoutingRules
     _log: PlacementLog
-    _counters: tuple[MetricFamily, MetricFamily] | None
+    _counters: _Counters | None
 
     def initialize_state(self, **rules: Any) -> None:
         """Serve calls this with `request_router_kwargs`: the application's `RoutingRules`, as plain values."""
@@ -49,7 +50,7 @@ class QllmRequestRouter(RequestRouter):
         while the PriorityRouter is down) count in the router's placement counter, as the PriorityRouter's do."""
         hint = placement_of(pending_request)
         if hint is not None and not hint.admitted and self._counters is not None:
-            self._counters[0].labels(replica_id.unique_id, hint.priority.label).inc()
+            self._counters.placements.labels(replica_id.unique_id, hint.priority.label).inc()
 
     async def choose_replicas(
         self,
@@ -82,7 +83,7 @@ class QllmRequestRouter(RequestRouter):
         priority = LS if hint is None else hint.priority  # no hint: not a generate call (ping), any will do
         if hint is not None and not hint.admitted and queued(priority, reports) >= self._rules.max_queued(priority):
             if self._counters is not None:
-                self._counters[1].labels(priority.label).inc()
+                self._counters.rejected.labels(priority.label).inc()
             _reject(pending_request, Rejected(priority, self._rules.retry_after_s(priority)))
         return rank(priority, outlooks(reports, self._rules, time.time()))
 
@@ -106,7 +107,15 @@ class PowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
         return await super().choose_replicas(candidate_replicas, pending_request)
 
 
-def _router_counters() -> tuple[MetricFamily, MetricFamily] | None:
+@dataclass(frozen=True)
+class _Counters:
+    """The router's counters this request router adds to: the PriorityRouter's placement and 429 counts."""
+
+    placements: MetricFamily
+    rejected: MetricFamily
+
+
+def _router_counters() -> _Counters | None:
     """The placement and rejection counters, labelled with the application of the Serve replica whose handle
     this router is in (the ingress); None in a handle outside Serve (a driver script), which has no
     application to label them with and no metrics port scraped for it."""
@@ -115,7 +124,7 @@ def _router_counters() -> tuple[MetricFamily, MetricFamily] | None:
     except RayServeException:
         return None
     backend = RayBackend(serve_tags=False, fixed_tags={"application": app})
-    return backend.make(PLACEMENTS), backend.make(REJECTED)
+    return _Counters(backend.make(PLACEMENTS), backend.make(REJECTED))
 
 
 def placement_of(pending_request: PendingRequest | None) -> PlacementHint | None:
