@@ -35,6 +35,19 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05
 
 
+@dataclass(frozen=True)
+class Command:
+    """Work for the loop thread. `fail` hands an exception `run` raised to the caller who queued it: a
+    command that raises fails its caller alone, never the loop."""
+
+    run: Callable[[], object]
+    fail: Callable[[BaseException], object]
+
+
+def _log_failure(exc: BaseException) -> None:
+    logger.error("an engine command failed: %s: %s", type(exc).__name__, exc)
+
+
 @dataclass
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
@@ -61,7 +74,7 @@ class Engine:
         self._core = EngineCore(self.config, self.metrics, loaded=loaded)
         self.tokenizer = self._core.loaded.tokenizer
         self.max_model_len = self._core.loaded.max_model_len
-        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._subscribers: dict[str, _Subscriber] = {}
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = set()
         """Callers waiting for a command's answer; settled with EngineStoppedError if the loop dies first."""
@@ -122,13 +135,13 @@ class Engine:
 
         waiter = (sub.loop, accepted)
         self._waiters.add(waiter)
-        self._commands.put(add)
-        try:
-            await accepted
-        finally:
-            self._waiters.discard(waiter)
+        self._commands.put(Command(add, lambda exc: sub.loop.call_soon_threadsafe(_settle, accepted, exc)))
         finished = False
         try:
+            try:
+                await accepted
+            finally:
+                self._waiters.discard(waiter)
             while True:
                 item = await sub.queue.get()
                 if isinstance(item, BaseException):
@@ -138,8 +151,11 @@ class Engine:
                 if finished:
                     return
         finally:
+            # Cancelled or closed before its end, even before the engine accepted it: the abort is queued
+            # behind the add (commands run in order), so the request never runs on holding KV. It applies only
+            # to this caller's request (an add refused as a duplicate id must not abort the other one).
             if not finished:
-                self._commands.put(lambda: self._abort_now(rid))
+                self._commands.put(Command(lambda: self._abort_subscribed(rid, sub), _log_failure))
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request and free what it holds; False when it is unknown or already finished."""
@@ -148,7 +164,12 @@ class Engine:
         done: asyncio.Future[bool] = loop.create_future()
         waiter = (loop, done)
         self._waiters.add(waiter)
-        self._commands.put(lambda: loop.call_soon_threadsafe(_settle, done, self._abort_now(request_id)))
+        self._commands.put(
+            Command(
+                lambda: loop.call_soon_threadsafe(_settle, done, self._abort_now(request_id)),
+                lambda exc: loop.call_soon_threadsafe(_settle, done, exc),
+            )
+        )
         try:
             return await done
         finally:
@@ -176,7 +197,7 @@ class Engine:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still in flight end with `EngineStoppedError`."""
         self._stopping.set()
-        self._commands.put(lambda: None)
+        self._commands.put(Command(lambda: None, _log_failure))
         self._thread.join(timeout)
 
     # ---- the loop thread -----------------------------------------------------------------------------
@@ -220,18 +241,25 @@ class Engine:
             command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
         except queue.Empty:
             return
-        command()
         while True:
             try:
-                self._commands.get_nowait()()
+                command.run()
+            except Exception as exc:  # its caller gets the error; the loop and every other request go on
+                logger.exception("an engine command failed")
+                command.fail(exc)
+            try:
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
+    def _abort_subscribed(self, request_id: str, sub: _Subscriber) -> None:
+        if self._subscribers.get(request_id) is sub:
+            del self._subscribers[request_id]  # the caller has gone: nobody reads its final output
+            self._abort_now(request_id)
+
     def _abort_now(self, request_id: str) -> bool:
         known = request_id in self._core.requests
-        output = self._core.abort(request_id)
-        if output is not None:
-            self._publish([output])
+        self._publish(self._core.abort(request_id))
         return known
 
     def _publish(self, outputs: list[RequestOutput]) -> None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from qllm_core.accounting import TimeAccounts
 from qllm_core.cache import KVCache
+from qllm_core.calibration import cost_model_for
 from qllm_core.config import EngineConfig
-from qllm_core.forward import ForwardPass
+from qllm_core.detokenizer import Detokenizer
+from qllm_core.forward import ForwardPass, UnitObserver
+from qllm_core.lifecycle import Lifecycle
 from qllm_core.memory_relief import MemoryRelief
 from qllm_core.metrics import EngineMetrics
 from qllm_core.models.registry import LoadedModel, load_model
@@ -23,8 +27,11 @@ from qllm_core.params import SamplingParams
 from qllm_core.pass_stack import PassStack
 from qllm_core.request import FinishReason, PriorityClass, Request, RequestState
 from qllm_core.request_table import Limits, RequestTable
+from qllm_core.sampler import Sampler
 from qllm_core.scheduler import POLICIES, BatchPlan, SchedulerView
 from qllm_core.stats import ClassStats, EngineStats
+
+BE = PriorityClass.BEST_EFFORT
 
 
 class EngineCore:
@@ -36,7 +43,9 @@ class EngineCore:
         metrics: EngineMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         loaded: LoadedModel | None = None,
+        on_unit: UnitObserver | None = None,
     ) -> None:
+        """`on_unit` observes every unit of every pass (tests)."""
         self.config = config
         self.loaded = loaded if loaded is not None else load_model(config)
         self.model = self.loaded.staged
@@ -50,29 +59,25 @@ class EngineCore:
         )
         self.policy = POLICIES[config.policy](config.scheduler_config())
         self.table = RequestTable(Limits(self.loaded.vocab_size, self.loaded.max_model_len), self.kv)
-        self.passes = PassStack(config, self.policy, self.model, self.kv, self.table, self.metrics)
-        self.outputs = OutputProcessor(
-            self.loaded, self.kv, self.table, self.metrics, config.ttft_window, lambda: self._busy_s
+        self.accounts = TimeAccounts(self.metrics, config.ttft_window)
+        sampler = Sampler(self.loaded.device)
+        self.passes = PassStack(
+            config, self.policy, self.model, self.kv, self.table, sampler, self.accounts, self.metrics, on_unit
         )
+        outputs = OutputProcessor(
+            Detokenizer(self.loaded.tokenizer), self.loaded.eos_token_ids, self.loaded.max_model_len
+        )
+        self.lifecycle = Lifecycle(self.table, self.kv, sampler, outputs, self.accounts, self.metrics)
         self.memory = MemoryRelief(
-            self.kv,
-            self.table,
-            self.passes,
-            self.metrics,
-            self.policy.order_key,
-            config.max_batch_size,
+            self.kv, self.table, self.passes, self.metrics, self.policy.order_key, config.max_batch_size
         )
+        self.cost = cost_model_for(self)
+        """What a pass costs on this model and device: policies plan with it, completed passes refine its error."""
         self._clock = clock
-        self._busy_s = 0.0
-        """Time spent advancing passes so far: the timelines' busy clock."""
-        self._last_run = (0.0, 0.0)
-        """When the latest advance started and ended: a request that arrived during it waited for part of it."""
         self._submissions = 0
         """Requests added or aborted from outside: what can change a policy's mind in the middle of a pass."""
         self._declined: tuple[int, int] | None = None
         """(pass id, submissions) when the policy last declined to preempt that pass."""
-        self._aborts_pending = 0
-        """Requests marked to leave the running pass at its next layer boundary."""
         m = self.metrics
         self._gauges = [(m.running.labels(c.label), m.waiting.labels(c.label)) for c in PriorityClass]
 
@@ -107,33 +112,25 @@ class EngineCore:
         """
         when = self._clock() if arrival is None else arrival
         request = self.table.admit(request_id, prompt_token_ids, params, priority, ttft_deadline_s, when)
-        # Commands are taken between steps: the part of the latest one after its arrival is time it waited.
-        started, ended = self._last_run
-        request.marks.busy_at_arrival = self._busy_s - max(0.0, ended - max(when, started))
+        self.accounts.arrived(request)
         self._submissions += 1
         self.metrics.prompt_tokens.labels(request.priority.label).inc(len(prompt_token_ids))
         return request
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Abort a request and free its KV now, wherever it is; None when it is unknown, or (the one exception)
-        when it is in the running pass between two experts: then it leaves at that pass's next layer."""
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Abort a request: it ends, and its KV is freed, at the first point where it can leave: at once when
+        it is queued or in a pass between layers, at the running pass's next layer boundary when that pass is
+        between two experts (`PassStack.let_go`). Returns the outputs of the requests that ended now."""
         request = self.table.get(request_id)
         if request is None:
-            return None
+            return []
         self._submissions += 1
-        now = self._clock()
-        holder = self.passes.holding(request) if request.state is RequestState.RUNNING else None
-        if holder is not None and holder.at_layer_boundary:
-            self.passes.remove(holder, {request_id})
-        elif holder is not None and holder is not self.passes.active:
-            self.passes.drop(holder)  # suspended mid-layer: its work is redone, its other requests keep their KV
-        elif holder is not None:
-            request.abort_requested = True
-            self._aborts_pending += 1
-            return None
-        output = self.outputs.finish(request, FinishReason.ABORT, now)
+        if request.state is RequestState.RUNNING:
+            self.passes.flag(request)
+            return self._let_go()
+        output = self.lifecycle.end(request, FinishReason.ABORT, self._clock())
         self._update_gauges()
-        return output
+        return [output]
 
     def has_work(self) -> bool:
         """True while anything is queued, running or suspended."""
@@ -142,9 +139,10 @@ class EngineCore:
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (after an internal failure); the engine stays usable."""
         now = self._clock()
-        self.passes.active = None
-        self.passes.suspended.clear()
-        return [self.outputs.finish(r, FinishReason.ERROR, now, error=message) for r in self.table]
+        self.passes.clear()
+        outputs = [self.lifecycle.end(r, FinishReason.ERROR, now, error=message) for r in self.table]
+        self._update_gauges()
+        return outputs
 
     # ---- the step: schedule -> run -> postprocess --------------------------------------------------------
     def step(self, interrupted: Callable[[], bool] | None = None) -> list[RequestOutput]:
@@ -155,17 +153,17 @@ class EngineCore:
         to preempt it, until the probe fires or the pass ends: nothing else can change the policy's mind
         (`Policy.should_preempt`), so such a point costs the probe instead of a return to the caller.
         """
-        now = self._clock()
-        outputs = self._schedule(now)
+        outputs = self._schedule(self._clock())
         if self.passes.active is None:
             return outputs
         outputs += self._run(interrupted)
         finished = self.passes.active
-        if finished is None or not finished.done:
+        if finished is None or finished.result is None:
             return outputs
-        self.passes.finish_active()
-        self._aborts_pending = 0  # the output processor ends whatever was still marked to leave
-        outputs += self.outputs.complete(finished, self._clock())
+        self.passes.complete_active()
+        if not finished.reshaped:
+            self.cost.observe(finished.features, finished.run_s)
+        outputs += self.lifecycle.after_pass(finished.result, self._clock())
         self._update_gauges()
         return outputs
 
@@ -180,7 +178,8 @@ class EngineCore:
         if preempt:
             plan = self.policy.next_batch(self._view(now))
             if plan is not None:
-                outputs += self._suspend(now)
+                passes.suspend_active(now)
+                outputs += self._let_go()  # requests flagged in a pass suspended between two experts
                 self._start(plan, now)
         if passes.active is None:
             view = self._view(now)
@@ -191,19 +190,6 @@ class EngineCore:
             elif passes.suspended:
                 passes.resume(now)
         return outputs
-
-    def _suspend(self, now: float) -> list[RequestOutput]:
-        """Suspend the running pass. Requests marked to leave it at its next layer boundary would wait out the
-        suspension holding their KV, so the pass's work is dropped instead and they end now."""
-        active = self.passes.active
-        assert active is not None  # noqa: S101
-        self.passes.suspend_active(now)
-        marked = [e.request for e in active.entries if e.request.abort_requested]
-        if not marked:
-            return []
-        self._aborts_pending = 0
-        self.passes.drop(active)
-        return [self.outputs.finish(r, FinishReason.ABORT, now) for r in marked]
 
     def _start(self, plan: BatchPlan, now: float) -> None:
         self.passes.start(plan, now)
@@ -223,23 +209,23 @@ class EngineCore:
         ):
             outputs += self._advance(active)
         ended = self._clock()
-        elapsed = ended - started
-        self._last_run = (started, ended)
-        self._busy_s += elapsed
-        (self.passes.active or active).run_s += elapsed
+        (self.passes.active or active).run_s += self.accounts.ran(started, ended)
+        if any(e.request.priority is BE for e in active.entries):
+            self.accounts.be_advanced(ended)
         return outputs
 
     def _advance(self, active: ForwardPass) -> list[RequestOutput]:
         active.step()
         self.passes.maybe_merge(self._clock())
-        if not self._aborts_pending or not active.at_layer_boundary or active.done:
+        return self._let_go()
+
+    def _let_go(self) -> list[RequestOutput]:
+        """End the aborted requests that can leave their passes now."""
+        gone = self.passes.let_go()
+        if not gone:
             return []
-        # Requests aborted between two experts leave here, at the layer boundary.
-        leaving = {e.request.request_id for e in active.entries if e.request.abort_requested}
-        self._aborts_pending -= len(leaving)
-        self.passes.remove(active, leaving)
         now = self._clock()
-        outputs = [self.outputs.finish(self.table.by_id[rid], FinishReason.ABORT, now) for rid in leaving]
+        outputs = [self.lifecycle.end(r, FinishReason.ABORT, now) for r in gone]
         self._update_gauges()
         return outputs
 
@@ -269,6 +255,8 @@ class EngineCore:
             block_cost=lambda r, n: kv.extra_blocks(r.request_id, r.num_cached_tokens + n),
             running=None if passes.active is None else passes.active.info(now),
             suspended=None if not passes.suspended else passes.suspended[-1].info(now),
+            cost=self.cost,
+            be_stalled_s=self.accounts.be_stalled_s(now, bool(queues.waiting[BE] or queues.ready[BE])),
         )
 
     def audit(self) -> None:
@@ -292,7 +280,7 @@ class EngineCore:
                     waiting=table.count(c, RequestState.WAITING),
                     ready=table.count(c, RequestState.READY),
                     running=table.count(c, RequestState.RUNNING),
-                    recent_ttft=tuple(self.outputs.recent_ttft[c]),
+                    recent_ttft=tuple(self.accounts.recent_ttft[c]),
                 )
                 for c in PriorityClass
             },
@@ -300,7 +288,8 @@ class EngineCore:
             kv_total_blocks=self.kv.num_blocks,
             active_pass=None if active is None else f"{active.stage.label}@layer{active.layer}",
             suspended_passes=len(self.passes.suspended),
-            passes_completed=self.outputs.passes_completed,
+            passes_completed=self.passes.completed,
             preemptions=self.passes.preemptions,
+            resumes=self.passes.resumes,
             merges=self.passes.merges,
         )

@@ -10,16 +10,20 @@ suspended, how long it has run.
 from __future__ import annotations
 
 import enum
-from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
 
 from qllm_core.cache import KVCache
-from qllm_core.models.attention import AttentionBatch, SeqSlice
+from qllm_core.cost_model import PassFeatures
+from qllm_core.head import run_head
+from qllm_core.models.adapter import Rope
+from qllm_core.models.attention import AttentionBatch
 from qllm_core.models.staged import LayerWork, StagedModel
+from qllm_core.pass_result import PassResult
 from qllm_core.request import PriorityClass, Request
+from qllm_core.sampler import Sampler
 from qllm_core.scheduler.base import Granularity, PassInfo
 from qllm_core.transfer import to_device
 
@@ -47,6 +51,16 @@ class Stage(enum.IntEnum):
 BOUNDARY_STAGES = frozenset({Stage.EMBED, Stage.ATTENTION, Stage.HEAD})
 """Between layers: where requests can join (merge) or leave (abort) a pass without losing work."""
 
+STOPS: dict[Granularity, frozenset[Stage]] = {
+    Granularity.ITERATION: frozenset(),
+    Granularity.LAYER: frozenset({Stage.ATTENTION, Stage.HEAD}),
+    Granularity.EXPERT: frozenset(Stage) - {Stage.EMBED},
+}
+"""The stages a pass of each granularity stops before (it always stops once done): what a granularity means."""
+
+UnitObserver = Callable[["ForwardPass", int, "Stage", int], None]
+"""Called before each unit runs with (the pass, layer, stage, first expert of a span or -1): for tests."""
+
 
 @dataclass(frozen=True)
 class PassEntry:
@@ -68,8 +82,19 @@ def describe(entries: list[PassEntry]) -> tuple[frozenset[PriorityClass], bool]:
     return classes, ls_prefill
 
 
+def features_of(entries: list[PassEntry]) -> PassFeatures:
+    """What a pass over `entries` costs, as the cost model describes a pass."""
+    return PassFeatures.of_rows((e.start, len(e.token_ids)) for e in entries)
+
+
 def pass_info(
-    entries: list[PassEntry], num_layers: int, held_back_s: float, layer: int = 0, at_boundary: bool = True
+    entries: list[PassEntry],
+    num_layers: int,
+    held_back_s: float,
+    features: PassFeatures,
+    layer: int = 0,
+    at_boundary: bool = True,
+    suspended_s: float = 0.0,
 ) -> PassInfo:
     """What a policy is told about a pass over `entries` standing before `layer`."""
     classes, ls_prefill = describe(entries)
@@ -81,6 +106,8 @@ def pass_info(
         at_layer_boundary=at_boundary,
         num_tokens=sum(len(e.token_ids) for e in entries),
         layers_left=num_layers - layer,
+        features=features,
+        suspended_s=suspended_s,
     )
 
 
@@ -96,11 +123,17 @@ class ForwardPass:
         granularity: Granularity,
         expert_spans_per_layer: int,
         queued_s: float,
+        sampler: Sampler,
+        on_unit: UnitObserver | None = None,
     ) -> None:
-        """`queued_s`: the longest time one of its requests waited before this pass started."""
+        """`granularity`: where it stops, decided once as it starts (`Policy.points`). `queued_s`: the longest
+        time one of its requests waited before this pass started. `sampler` chooses tokens at its head."""
         self.pass_id = pass_id
         self.entries = entries
         self.granularity = granularity
+        self._stops = STOPS[granularity]
+        self._sampler = sampler
+        self._on_unit = on_unit
         self.expert_spans_per_layer = expert_spans_per_layer
         self.queued_s = queued_s
         self.suspended_s = 0.0
@@ -113,12 +146,9 @@ class ForwardPass:
         self.layer = 0
         self.stage = Stage.EMBED
         self.hidden: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
-        self.logit_rows: list[slice | None] = []
-        """Per entry, its rows of `logits` (None when it wants none); set by the head."""
+        self.result: PassResult | None = None
+        """Set by the head: the sampled tokens and log-probabilities."""
         self._work: LayerWork | None = None
-        self.executed: Counter[tuple[int, Stage, int]] = Counter()
-        """How often each (layer, stage, first expert) unit ran: every unit must run exactly once."""
         self._units: dict[Stage, Callable[[], None]] = {
             Stage.EMBED: self._embed,
             Stage.ATTENTION: self._attention,
@@ -129,7 +159,9 @@ class ForwardPass:
             Stage.COMBINE: self._combine,
             Stage.HEAD: self._head,
         }
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: Rope = None
+        self.reshaped = False
+        """Requests left or joined it part way: its run time is no measure of the pass it started as."""
         self._set_inputs()
 
     def _set_inputs(self) -> None:
@@ -138,7 +170,7 @@ class ForwardPass:
         self._token_ids = to_device([t for e in entries for t in e.token_ids], device)
         self._positions = to_device([e.start + i for e in entries for i in range(len(e.token_ids))], device)
         self._batch = self._attention_batch()
-        self.classes, self.ls_prefill = describe(entries)
+        self.features = features_of(entries)
 
     # ---- what the scheduler sees ---------------------------------------------------------------------
     @property
@@ -163,8 +195,15 @@ class ForwardPass:
 
     def info(self, now: float) -> PassInfo:
         """This pass as a policy sees it."""
+        held = self.held_back_s(now)
         return pass_info(
-            self.entries, self._model.num_layers, self.held_back_s(now), self.layer, self.at_layer_boundary
+            self.entries,
+            self._model.num_layers,
+            held,
+            self.features,
+            self.layer,
+            self.at_layer_boundary,
+            suspended_s=held - self.queued_s,
         )
 
     def suspend(self, now: float) -> None:
@@ -192,15 +231,12 @@ class ForwardPass:
         return ran
 
     def _at_preemption_point(self) -> bool:
-        if self.done or self.granularity is Granularity.EXPERT:
-            return True
-        if self.granularity is Granularity.LAYER:
-            return self.stage in (Stage.ATTENTION, Stage.HEAD)
-        return False
+        return self.stage in self._stops or self.done
 
     def _run_unit(self) -> None:
-        expert = self._work.spans[0].first if self.stage is Stage.EXPERT_SPAN and self._work else -1
-        self.executed[(self.layer, self.stage, expert)] += 1
+        if self._on_unit is not None:
+            expert = self._work.spans[0].first if self.stage is Stage.EXPERT_SPAN and self._work else -1
+            self._on_unit(self, self.layer, self.stage, expert)
         self._units[self.stage]()
 
     # Units. Each moves the cursor to the next stage.
@@ -209,7 +245,7 @@ class ForwardPass:
         self.stage = Stage.ATTENTION
 
     def _attention(self) -> None:
-        assert self.hidden is not None and self._rope is not None  # noqa: S101
+        assert self.hidden is not None  # noqa: S101
         self.hidden = self._model.attention(self.layer, self.hidden, self._rope, self._batch)
         self.stage = Stage.ROUTE
 
@@ -254,22 +290,10 @@ class ForwardPass:
         self.stage = Stage.ATTENTION if self.layer < self._model.num_layers else Stage.HEAD
 
     def _head(self) -> None:
-        """Logits only where they are wanted: each sampling entry's last position, or every position of an
-        entry that asked for prompt log-probabilities; none for a chunk short of its prompt's end."""
+        """Sample each entry that completes its prompt, gather the log-probabilities asked for, and drop the
+        hidden states: what the pass hands on is its `PassResult`."""
         assert self.hidden is not None  # noqa: S101
-        rows: list[int] = []
-        offset = 0
-        for e in self.entries:
-            n = len(e.token_ids)
-            first = len(rows)
-            if e.all_logits:
-                rows.extend(range(offset, offset + n))
-            elif e.samples:
-                rows.append(offset + n - 1)
-            self.logit_rows.append(slice(first, len(rows)) if len(rows) > first else None)
-            offset += n
-        if rows:
-            self.logits = self._model.head(self.hidden, to_device(rows, self.hidden.device))
+        self.result = run_head(self.pass_id, self._model, self.hidden, self.entries, self._sampler)
         self.hidden = None
         self.stage = Stage.DONE
 
@@ -278,15 +302,7 @@ class ForwardPass:
             return AttentionBatch.for_decode(
                 self._kv, [e.request.request_id for e in self.entries], [e.start for e in self.entries]
             )
-        seqs = []
-        writes = []
-        offset = 0
-        for e in self.entries:
-            rid, n = e.request.request_id, len(e.token_ids)
-            seqs.append(SeqSlice(offset, n, self._kv.slots(rid, 0, e.start + n)))
-            writes.append(self._kv.slots(rid, e.start, e.start + n))
-            offset += n
-        return AttentionBatch.for_sequences(self._kv, tuple(seqs), torch.cat(writes))
+        return AttentionBatch.for_runs(self._kv, [(e.request.request_id, e.start, len(e.token_ids)) for e in self.entries])
 
     # ---- changing the batch between layers -------------------------------------------------------------
     def remove(self, request_ids: Collection[str]) -> list[PassEntry]:
@@ -305,31 +321,34 @@ class ForwardPass:
                 rows.extend(range(offset, offset + len(e.token_ids)))
             offset += len(e.token_ids)
         self.entries = keep
+        self.reshaped = True
         if keep:
             index = to_device(rows, self._kv.device)
             if self.hidden is not None:
                 self.hidden = self.hidden.index_select(0, index)
-            if self._rope is not None:  # (cos, sin), each (1, tokens, dim)
-                cos, sin = self._rope
-                self._rope = (cos.index_select(1, index), sin.index_select(1, index))
+            self._rope = StagedModel.select_rope(self._rope, index)
             self._set_inputs()
         return gone
 
-    def merge(self, other: ForwardPass) -> None:
-        """Take `other`'s requests into this pass; both must stand before the same layer's attention.
+    def can_merge(self, other: ForwardPass) -> bool:
+        """True when both passes stand before the same layer's attention, where `merge` can join them."""
+        return self.stage is other.stage is Stage.ATTENTION and self.layer == other.layer
 
-        Used to let an LS pass join a suspended BE pass where the BE pass stopped. `other` is consumed.
+    def merge(self, other: ForwardPass) -> None:
+        """Take `other`'s requests into this pass (`can_merge` must hold). `other` is consumed.
+
+        Used to let an LS pass join a suspended BE pass where the BE pass stopped.
         """
-        if not (self.stage is other.stage is Stage.ATTENTION and self.layer == other.layer):
+        if not self.can_merge(other):
             raise RuntimeError(
                 f"passes can merge only before the same layer: {self.stage.label}@{self.layer} "
                 f"vs {other.stage.label}@{other.layer}"
             )
         assert self.hidden is not None and other.hidden is not None  # noqa: S101
-        assert self._rope is not None and other._rope is not None  # noqa: S101
         self.entries = self.entries + other.entries
+        self.reshaped = True
         self.hidden = torch.cat([self.hidden, other.hidden])
-        self._rope = (torch.cat([self._rope[0], other._rope[0]], 1), torch.cat([self._rope[1], other._rope[1]], 1))
+        self._rope = StagedModel.cat_rope(self._rope, other._rope)
         self._set_inputs()
         other.stage = Stage.DONE
         other.entries = []

@@ -65,12 +65,11 @@ class MemoryRelief:
         """Drop a queued request's KV; it recomputes it when next scheduled. Returns the blocks freed."""
         freed = self._kv.free(request.request_id)
         request.num_cached_tokens = 0
-        request.evictions += 1
         if request.state is not RequestState.WAITING:
             self._table.move(request, RequestState.WAITING)
         self._metrics.evictions.labels(request.priority.label).inc()
         return freed
 
     def _drop_suspended(self, dropped: ForwardPass) -> int:
-        # No request in a suspended pass is aborted: an abort takes it out of its pass at once.
+        # No request in a suspended pass is flagged to leave: a suspended pass lets an aborted request go at once.
         return sum(self.evict(request) for request in self._passes.drop(dropped))

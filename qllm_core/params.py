@@ -13,6 +13,8 @@ from qllm_core.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 64
+"""Most stop token ids a request may name (each is checked against every sampled token)."""
 MAX_LOGPROBS = 20
 """Most alternatives per position that `logprobs` and `prompt_logprobs` may ask for (OpenAI's top_logprobs bound)."""
 TEMPERATURE_RANGE = (0.0, 2.0)
@@ -54,6 +56,15 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._check_sampling()
+        self._check_stops()
+        self._check_penalties()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(name, value, low=0, high=MAX_LOGPROBS)
+
+    def _check_sampling(self) -> None:
         check_int("max_tokens", self.max_tokens, low=1)
         check_float("temperature", self.temperature, *TEMPERATURE_RANGE)
         check_float("top_p", self.top_p, low=0.0, high=1.0)
@@ -62,6 +73,8 @@ class SamplingParams:
         check_int("top_k", self.top_k, low=0)
         if self.seed is not None:
             check_int("seed", self.seed, low=0, high=2**63 - 1)
+
+    def _check_stops(self) -> None:
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop must be a list of non-empty strings", param="stop")
         if len(self.stop) > MAX_STOP_SEQUENCES:
@@ -70,10 +83,16 @@ class SamplingParams:
             raise InvalidRequestError(f"a stop string may have at most {MAX_STOP_LENGTH} characters", param="stop")
         if not isinstance(self.stop_token_ids, tuple):
             raise InvalidRequestError("stop_token_ids must be a list of token ids", param="stop_token_ids")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed", param="stop_token_ids"
+            )
         for tid in self.stop_token_ids:
             check_int("stop_token_ids", tid, low=0)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos must be true or false", param="ignore_eos")
+
+    def _check_penalties(self) -> None:
         check_float("presence_penalty", self.presence_penalty, *PENALTY_RANGE)
         check_float("frequency_penalty", self.frequency_penalty, *PENALTY_RANGE)
         check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=REPETITION_PENALTY_MAX)
@@ -82,10 +101,6 @@ class SamplingParams:
                 f"repetition_penalty must be in (0, {REPETITION_PENALTY_MAX}]; use 1 for none",
                 param="repetition_penalty",
             )
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                check_int(name, value, low=0, high=MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:

@@ -92,11 +92,6 @@ class RequestTimes:
         """Time to first token."""
         return None if self.first_token is None else self.first_token - self.arrival
 
-    @property
-    def queue_wait(self) -> float | None:
-        """Time from arrival to first being scheduled."""
-        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
-
 
 @dataclass
 class Request:
@@ -115,10 +110,6 @@ class Request:
     finish_reason: FinishReason | None = None
     preemptions: int = 0
     """Times a pass holding this request was suspended for more urgent work."""
-    evictions: int = 0
-    """Times its KV was dropped under memory pressure (to be recomputed)."""
-    abort_requested: bool = False
-    """The caller aborted it while it was inside a pass; it ends when it leaves that pass."""
     times: RequestTimes = field(init=False)
     marks: TimelineMarks = field(init=False)
     """What its `Timeline` is built from."""

@@ -47,7 +47,10 @@ class EngineStats:
     suspended_passes: int
     passes_completed: int
     preemptions: int
+    """Passes suspended for more urgent work."""
     merges: int
+    resumes: int = 0
+    """Suspended passes run again."""
 
     @property
     def kv_usage(self) -> float:

@@ -42,8 +42,8 @@ def test_abort_in_a_pass_suspended_between_layers_frees_the_kv_at_once_and_the_r
     core = _core("layer")
     _suspend_be_pass(core, Stage.ATTENTION)
     used = core.kv.used_blocks
-    out = core.abort("be0")
-    assert out is not None and out.finished and out.finish_reason is FinishReason.ABORT
+    [out] = core.abort("be0")
+    assert out.finished and out.finish_reason is FinishReason.ABORT
     assert "be0" not in core.requests and core.kv.used_blocks == used - core.kv.blocks_for(300)
     core.audit()
     finals = drain(core)
@@ -54,8 +54,8 @@ def test_abort_in_a_pass_suspended_between_layers_frees_the_kv_at_once_and_the_r
 def test_abort_in_a_pass_suspended_between_experts_requeues_the_others_with_their_kv() -> None:
     core = _core("expert")
     _suspend_be_pass(core, Stage.EXPERT_SPAN)
-    out = core.abort("be0")
-    assert out is not None and out.finish_reason is FinishReason.ABORT
+    [out] = core.abort("be0")
+    assert out.finish_reason is FinishReason.ABORT
     assert not core.suspended, "its work is given up: it could not lose a request in the middle of a layer"
     assert core.requests["be1"].state is RequestState.WAITING and core.kv.holds("be1")
     core.audit()
@@ -72,7 +72,7 @@ def test_abort_in_the_running_pass_between_experts_takes_effect_at_the_next_laye
     core.step()
     assert core.active is not None and core.active.stage is Stage.EXPERT_SPAN
     layer = core.active.layer
-    assert core.abort("be0") is None, "between two experts it cannot leave yet"
+    assert core.abort("be0") == [], "between two experts it cannot leave yet"
     ended = []
     while "be0" in core.requests:
         ended += [o for o in core.step() if o.request_id == "be0"]

@@ -19,6 +19,7 @@ from qllm_core import (
     RequestOutput,
     SamplingParams,
 )
+from qllm_core.engine import Command
 from qllm_core.metrics import ENGINE_METRICS, PrometheusBackend, exported_names
 from tests.conftest import DEVICE
 
@@ -207,15 +208,19 @@ async def test_ls_arriving_mid_pass_is_noticed_at_the_next_preemption_point(gran
         e.shutdown()
 
 
-async def test_a_caller_queued_behind_a_command_that_kills_the_loop_gets_engine_stopped() -> None:
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop thread dies: expected
+async def test_a_caller_queued_behind_a_failure_that_kills_the_loop_gets_engine_stopped() -> None:
     engine = Engine(EngineConfig(model="tiny", device=DEVICE))
     gate = threading.Event()
-    engine._commands.put(gate.wait)  # hold the loop inside its command drain
+    engine._commands.put(Command(gate.wait, print))  # hold the loop inside its command drain
+
+    class Fatal(BaseException):
+        """Beyond what a command's failure guard catches (as KeyboardInterrupt is)."""
 
     def poison() -> None:
-        raise RuntimeError("a bug in a command")
+        raise Fatal("the interpreter is going down")
 
-    engine._commands.put(poison)
+    engine._commands.put(Command(poison, print))
     first = asyncio.ensure_future(anext(engine.generate(prompt="hello", params=SamplingParams(max_tokens=4))))
     await asyncio.sleep(0.2)  # its `add` is queued behind the poison
     gate.set()
@@ -223,3 +228,53 @@ async def test_a_caller_queued_behind_a_command_that_kills_the_loop_gets_engine_
         await asyncio.wait_for(first, timeout=10)
     with pytest.raises(EngineStoppedError):
         engine.check_health(60.0)
+
+
+async def test_a_command_that_raises_fails_only_its_caller_and_the_engine_keeps_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = Engine(EngineConfig(model="tiny", device=DEVICE))
+    try:
+
+        def broken_abort(request_id: str) -> list[RequestOutput]:
+            raise RuntimeError(f"a bug while aborting {request_id}")
+
+        monkeypatch.setattr(engine._core, "abort", broken_abort)
+        with pytest.raises(RuntimeError, match="a bug while aborting r1"):
+            await engine.abort("r1")
+        monkeypatch.undo()
+        outs = await collect(engine.generate(prompt="still here", params=SamplingParams(max_tokens=3)))
+        assert outs[-1].finished and outs[-1].num_output_tokens == 3
+        engine.check_health(60.0)
+    finally:
+        engine.shutdown()
+
+
+async def test_a_request_cancelled_before_the_engine_accepts_it_never_runs_and_holds_no_kv() -> None:
+    engine = Engine(EngineConfig(model="tiny", device=DEVICE))
+    gate = threading.Event()
+    try:
+        entered = threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            gate.wait()
+
+        engine._commands.put(Command(hold, print))  # the loop is busy: the add below waits in the queue
+        await wait_for(entered.is_set)
+        stream = engine.generate(prompt_token_ids=[5] * 40, params=SamplingParams(max_tokens=200, ignore_eos=True))
+        first = asyncio.ensure_future(anext(stream))
+        await wait_for(lambda: engine._commands.qsize() == 1)  # its add is queued
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        gate.set()
+        await wait_for(lambda: engine._commands.qsize() == 0 and not engine._core.has_work())
+        assert engine._core.kv.used_blocks == 0 and not engine._core.requests
+        engine._core.audit()
+        metrics = engine.metrics
+        assert metrics.requests.labels("latency_sensitive", "abort")._value.get() == 1  # type: ignore[attr-defined]
+        assert metrics.generated_tokens.labels("latency_sensitive")._value.get() == 0  # type: ignore[attr-defined]
+    finally:
+        gate.set()
+        engine.shutdown()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from qllm_core import EngineConfig, SamplingParams
+from qllm_core import EngineConfig, SamplingParams, head
 from qllm_core.engine_core import EngineCore
 from tests.conftest import DEVICE, drain
 
@@ -84,17 +84,19 @@ def test_token_logprobs_are_the_models_log_softmax_with_top_alternatives(
         assert lp.top[0][0] == lp.token_id, "greedy takes the most likely token"
 
 
-@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize(("chunk", "head_rows"), [(None, 256), (4, 256), (None, 3)])
 def test_prompt_logprobs_score_every_prompt_token_after_the_first(
-    core: EngineCore, model: PreTrainedModel, chunk: int | None
+    core: EngineCore, model: PreTrainedModel, chunk: int | None, head_rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """`head_rows`: the head computes prompt positions' full-vocabulary logits that many at a time."""
+    monkeypatch.setattr(head, "PROMPT_LOGPROB_ROWS", head_rows)
     engine = core
     if chunk is not None:  # chunked: the prompt's positions arrive over several passes
         engine = EngineCore(
             EngineConfig(model="tiny", device=DEVICE, dtype="float64", policy="chunked", chunk_tokens=chunk),
             loaded=core.loaded,
         )
-    outs = _run(engine, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2), rid=f"p{chunk}")
+    outs = _run(engine, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2), rid=f"p{chunk}-{head_rows}")
     first = outs[0].prompt_logprobs
     assert first is not None and len(first) == len(PROMPT) and first[0] is None
     assert all(o.prompt_logprobs is None for o in outs[1:]), "sent once, with the first token"
