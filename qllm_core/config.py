@@ -22,6 +22,7 @@ __all__ = ["BUILTIN_MODELS", "DTYPES", "EngineConfig", "Granularity", "Scheduler
 
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+COST_MODEL_SOURCES = ("calibrate", "file", "off")
 BUILTIN_MODELS = ("tiny", "bench")
 
 
@@ -69,6 +70,20 @@ class EngineConfig:
     near saturation (benchmarks/results/issue13-qllm-no-be-fill-0.9x): off cut LS slowdown p50 from about
     1.8x to 1.3-1.6x and raised output tokens/s. On a GPU, where a decode row in a prefill pass costs
     little, turning it on may pay; that is not measured."""
+    cost_model: str = "calibrate"
+    """Where the pass cost model comes from: "calibrate" (time a few passes of this model on this device at
+    start-up), "file" (read `cost_model_file`, as `python -m qllm_core.calibration` writes it) or "off" (plan
+    with a nominal model, `CostFit.nominal`, that ranks passes by their token counts)."""
+    cost_model_file: str | None = None
+    """The cost model file read when `cost_model` is "file"."""
+    ls_tpot_target_s: float | None = None
+    """Under `qllm`, the most time a pass carrying LS decodes should take, BE work riding in it included. None:
+    what a `chunked` pass of those decodes would cost (them plus a prompt chunk, `chunk_tokens` tokens in all),
+    so that LS time per token is no worse than under `chunked`, at the BE share `chunked` gives."""
+    ls_ttft_slack: float = 0.25
+    """Under `qllm`, how much longer than its isolated time an LS prompt's pass may be made by a choice that
+    serves other work (LS decodes riding in it, a running pass finished first), and the margin by which
+    preempting an LS prefill for other LS prompts must lower the worse slowdown."""
     default_priority: str = "latency_sensitive"
     """Class of a request that names none."""
     ttft_window: int = 256
@@ -105,14 +120,34 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_cache_tokens={self.kv_cache_tokens} is smaller than one block (block_size={self.block_size})"
             )
-        require_positive_number("be_max_wait_s", self.be_max_wait_s)
-        for name in ("merge_ls_into_be", "be_decodes_in_ls_passes"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false")
+        self._check_scheduling()
         try:
             PriorityClass.parse(self.default_priority)
         except ValueError as exc:
             raise ConfigError(f"default_priority: {exc}") from None
+
+    def _check_scheduling(self) -> None:
+        """The scheduling settings: aging, flags, the cost model's source and qllm's targets."""
+        require_positive_number("be_max_wait_s", self.be_max_wait_s)
+        for name in ("merge_ls_into_be", "be_decodes_in_ls_passes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false")
+        if self.cost_model not in COST_MODEL_SOURCES:
+            raise ConfigError(f"cost_model={self.cost_model!r} is unknown; use one of {', '.join(COST_MODEL_SOURCES)}")
+        if self.cost_model == "file" and not self.cost_model_file:
+            raise ConfigError(
+                "cost_model: file needs cost_model_file (a path written by python -m qllm_core.calibration)"
+            )
+        if self.cost_model != "file" and self.cost_model_file is not None:
+            raise ConfigError(
+                f"cost_model_file is read only with cost_model: file (cost_model is {self.cost_model!r}); "
+                "set cost_model: file or drop cost_model_file"
+            )
+        if self.ls_tpot_target_s is not None:
+            require_positive_number("ls_tpot_target_s", self.ls_tpot_target_s)
+        slack = self.ls_ttft_slack
+        if isinstance(slack, bool) or not isinstance(slack, int | float) or not math.isfinite(slack) or slack < 0:
+            raise ConfigError(f"ls_ttft_slack={slack!r} must be a finite number >= 0 (0.25: a quarter more)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EngineConfig:
@@ -134,6 +169,8 @@ class EngineConfig:
             merge_ls_into_be=self.merge_ls_into_be,
             be_decodes_in_ls_passes=self.be_decodes_in_ls_passes,
             chunk_tokens=self.chunk_tokens,
+            ls_tpot_target_s=None if self.ls_tpot_target_s is None else float(self.ls_tpot_target_s),
+            ls_ttft_slack=float(self.ls_ttft_slack),
         )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from qllm_core.cost_model import CostModel, PassFeatures
 from qllm_core.request import PriorityClass, Request
 
 
@@ -39,6 +40,12 @@ class SchedulerConfig:
     """Token budget of one pass for the policies that split prompts into chunks (`chunked`)."""
     be_decodes_in_ls_passes: bool = False
     """`qllm`: BE decodes may fill a pass that prefills LS prompts."""
+    ls_tpot_target_s: float | None = None
+    """`qllm`: the most time a pass carrying LS decodes should take, BE included; None: what a `chunked` pass of
+    those decodes would cost (the decodes plus a prompt chunk up to `chunk_tokens` tokens in all)."""
+    ls_ttft_slack: float = 0.25
+    """`qllm`: how far past its isolated cost a choice may push an LS prompt's pass (LS decodes riding in it, a
+    running pass finished first) and the margin a change of course must win by."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +82,35 @@ class PassInfo:
     """New tokens the pass feeds."""
     layers_left: int = 0
     """Decoder layers it has not finished."""
+    features: PassFeatures | None = None
+    """What its cost depends on (`PassFeatures.of_rows` over its entries' (start, tokens)); None: unknown, taken
+    as one prompt of `num_tokens` tokens."""
+    suspended_s: float | None = None
+    """Time it has spent suspended since it started (its own progress stalled), the current suspension
+    included; None: unknown, `held_back_s` stands in."""
 
     @property
     def has_ls(self) -> bool:
         """True when any request in the pass is latency-sensitive."""
         return PriorityClass.LATENCY_SENSITIVE in self.classes
+
+    @property
+    def cost_features(self) -> PassFeatures:
+        """`features`, or a prompt of `num_tokens` tokens when they are unknown."""
+        if self.features is not None:
+            return self.features
+        return PassFeatures(prompt_tokens=self.num_tokens, prompt_rows=1) if self.num_tokens else PassFeatures()
+
+    @property
+    def stalled_s(self) -> float:
+        """How long its own progress has stalled: `suspended_s`, else `held_back_s`."""
+        return self.held_back_s if self.suspended_s is None else self.suspended_s
+
+    @property
+    def done_share(self) -> float:
+        """The share of its layers it has finished (0 when unknown)."""
+        total = self.layer + self.layers_left
+        return self.layer / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -96,10 +127,24 @@ class SchedulerView:
     """KV blocks a request must still get to feed that many more tokens."""
     running: PassInfo | None
     suspended: PassInfo | None
+    cost: CostModel | None = None
+    """The engine's pass cost model; None: `CostModel.nominal` (see `cost_model`)."""
+    be_stalled_s: float | None = None
+    """How long queued BE work has gone without any BE work advancing (a unit of a pass holding BE requests
+    ran); 0 with no BE queued. None: unknown, each BE request's own wait (`waiting_since`) stands in."""
+
+    @property
+    def cost_model(self) -> CostModel:
+        """The cost model to plan with."""
+        return NOMINAL if self.cost is None else self.cost
 
     def has_work(self, cls: PriorityClass) -> bool:
         """True when a class has requests queued for a new pass."""
         return bool(self.waiting[cls] or self.ready[cls])
+
+
+NOMINAL = CostModel.nominal()
+"""The stand-in cost model of views that carry none (it is never fed observations)."""
 
 
 class BatchBuilder:
@@ -113,6 +158,7 @@ class BatchBuilder:
         self._budget = config.max_batched_tokens if token_budget is None else token_budget
         self._ids: list[str] = []
         self._counts: list[int] = []
+        self._features = PassFeatures()
         self._tokens = 0
         self._blocks = 0
 
@@ -123,6 +169,11 @@ class BatchBuilder:
     def full(self) -> bool:
         """True when no further sequence fits by count."""
         return len(self._ids) >= self._config.max_batch_size
+
+    @property
+    def features(self) -> PassFeatures:
+        """What the batch so far costs (`PassFeatures`)."""
+        return self._features
 
     @property
     def tokens_left(self) -> int:
@@ -143,12 +194,19 @@ class BatchBuilder:
         tokens = min(request.num_uncached_tokens, self.tokens_left)
         return tokens > 0 and self._add(request, tokens)
 
+    def try_add_part(self, request: Request, tokens: int) -> bool:
+        """Add the next `tokens` of a request's uncached tokens (a chunk a policy sized) if it fits every limit."""
+        if not 0 < tokens <= min(request.num_uncached_tokens, self.tokens_left):
+            return False
+        return self._add(request, tokens)
+
     def _add(self, request: Request, tokens: int) -> bool:
         blocks = self._view.block_cost(request, tokens)
         if self.full or self._blocks + blocks > self._view.free_blocks:
             return False
         self._ids.append(request.request_id)
         self._counts.append(tokens)
+        self._features = self._features + PassFeatures.of_row(request.num_cached_tokens, tokens)
         self._tokens += tokens
         self._blocks += blocks
         return True
@@ -175,6 +233,8 @@ class Policy(ABC):
     """A scheduling policy. Subclasses set `name` and implement `next_batch`; the rest has safe defaults."""
 
     name: ClassVar[str]
+    plans_with_cost: ClassVar[bool] = False
+    """True when the policy reads `SchedulerView.cost`: the engine then measures the pass cost model at start-up."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -201,10 +261,21 @@ class Policy(ABC):
         """
         return type(self).should_preempt is not Policy.should_preempt
 
-    def points(self, info: PassInfo) -> Granularity:
-        """Where a pass about to start stops to ask `should_preempt`: the configured granularity, or none at all
-        (`Granularity.ITERATION`) when `may_preempt` rules preemption out."""
-        return self.config.granularity if self.may_preempt(info) else Granularity.ITERATION
+    def points(self, info: PassInfo, under: PassInfo | None = None) -> Granularity:
+        """Where a pass about to start will stop to ask `should_preempt`, decided once (the pass carries it):
+        `granularity_for` the pass, or nowhere (`Granularity.ITERATION`) when `may_preempt` rules preemption out,
+        unless it may merge into the suspended pass `under`: then it stops at layer boundaries, where merging
+        happens."""
+        if self.may_preempt(info):
+            return self.granularity_for(info)
+        configured = self.config.granularity
+        if configured is not Granularity.ITERATION and under is not None and self.should_merge(info, under):
+            return Granularity.LAYER
+        return Granularity.ITERATION
+
+    def granularity_for(self, info: PassInfo) -> Granularity:
+        """The points of a pass that may be preempted. Default: the configured granularity."""
+        return self.config.granularity
 
     def should_merge(self, active: PassInfo, suspended: PassInfo) -> bool:
         """Let the running pass join the suspended one where it stopped, once it has reached that layer? Default:

@@ -106,9 +106,11 @@ def test_qllm_preempts_an_ls_prefill_only_for_a_far_shorter_ls_prompt() -> None:
     running_long = running_pass({LS}, ls_prefill=True, tokens=2000)  # 1500 token-layers of 2000 left
     assert policy.should_preempt(view([short], running=running_long))
     assert not policy.should_preempt(view([long], running=running_pass({LS}, ls_prefill=True, tokens=500)))
-    # The suspended long prefill resumes before newer prompts of its size, not before a far shorter one.
-    assert policy.should_resume(view([long], suspended=running_long))
-    assert not policy.should_resume(view([short], suspended=running_long))
+    # A suspended long prefill held back a while resumes before newer prompts of its size, not before a far
+    # shorter one (on the nominal cost model: 50 ms a pass, 1 ms a token).
+    held_long = running_pass({LS}, ls_prefill=True, held=3.0, tokens=2000)
+    assert policy.should_resume(view([long], suspended=held_long))
+    assert not policy.should_resume(view([short], suspended=held_long))
 
 
 def test_qllm_lets_ls_decodes_cut_into_a_long_be_pass_and_keeps_short_ones() -> None:
@@ -134,7 +136,7 @@ def test_qllm_joins_be_prompts_to_ls_decodes_in_chunks_only() -> None:
 
 def test_qllm_groups_ls_prompts_so_a_short_one_does_not_ride_with_a_long_one() -> None:
     rs = [req("a", LS, 0.1, prompt=20), req("huge", LS, 0.2, prompt=900), req("b", LS, 0.3, prompt=30)]
-    # The most urgent first; the others join while the LS tokens stay within max(chunk_tokens, first).
+    # Shortest first; a prompt joins while no member's slowdown grows much (the huge one would multiply it).
     assert plan_ids("qllm", view(rs)) == ["a", "b"]
 
 
