@@ -98,6 +98,32 @@ class ExpertKernel:
         )
         return bias.index_select(0, row_expert + first)
 
+    def few_rows(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A layer's routed experts for a few tokens (a lone decode, a small decode batch), expert by expert
+        with plain matrix products on the hit experts' own weights: on a CPU the general kernels' sorting,
+        histogram and padding cost more than the products at this size. CPU only: it reads the routing on
+        the host (one `tolist`, free on a CPU, a sync on an accelerator).
+
+        As transformers' grouped kernel: each (token, slot) row's expert output times its weight, summed over
+        the slots in slot order; a token routed nowhere (index `num_experts`) adds nothing."""
+        tokens, k = index.shape
+        if tokens == 1:  # a lone decode: no gather, no scatter
+            out = None
+            for slot, expert in enumerate(index[0].tolist()):
+                row = self.one(expert, hidden) * weights[:, slot : slot + 1] if expert < self.num_experts else None
+                row = hidden.new_zeros(hidden.shape) if row is None else row
+                out = row if out is None else out + row
+            return out.to(hidden.dtype)  # type: ignore[union-attr]
+        flat = index.reshape(-1).tolist()
+        rows = hidden.new_zeros(tokens * k, self.down.shape[-1] if self.transposed else self.down.shape[-2])
+        for expert in sorted(set(flat)):
+            if expert >= self.num_experts:
+                continue
+            hits = torch.tensor([i for i, e in enumerate(flat) if e == expert], device=hidden.device)
+            rows.index_copy_(0, hits, self.one(expert, hidden.index_select(0, hits // k)).to(rows.dtype))
+        weighted = rows * weights.reshape(-1, 1)
+        return weighted.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
     def batched(self, padded: torch.Tensor) -> torch.Tensor:
         """Every expert on its rows, padded to one length, (experts, rows, hidden) -> same: one batched matrix
         product per projection, which a multi-core CPU spreads over the experts. Standard layout only."""
