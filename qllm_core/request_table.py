@@ -117,7 +117,7 @@ class RequestTable:
                 f"tokens; set max_tokens <= {limit - len(ids)}",
                 param="max_tokens",
             )
-        if self._kv.blocks_for(len(ids) + params.max_tokens) > self._kv.num_blocks:
+        if self._kv.request_blocks(len(ids) + params.max_tokens) > self._kv.num_blocks:  # recurrent state too
             raise PromptTooLongError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV cache "
                 f"({self._kv.capacity_tokens} tokens); lower max_tokens or raise kv_cache_tokens",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, cast
 
 import torch
@@ -41,6 +41,8 @@ class MoEParts:
     """A shared expert applied to every token, already gated, or None."""
     routed_scale: float | None = None
     """A factor on the routed experts' sum applied by the block (not by its router), or None."""
+    routed_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A norm on the routed experts' sum before the shared expert's output is added (Gemma 4), or None."""
 
     @property
     def experts(self) -> nn.Module:
@@ -60,7 +62,8 @@ class LayerParts:
     the MLP is the routed experts (times `routed_scale`) plus the shared expert, or a dense MLP, and `s`
     is `residual_scale`. A missing norm or scale is None."""
 
-    attn: nn.Module
+    attn: nn.Module | None
+    """The token mixer: softmax attention, a recurrent mixer (`recurrent`), or None (an MLP-only layer)."""
     attn_norm: nn.Module | None
     attn_out_norm: nn.Module | None
     mlp_norm: nn.Module | None
@@ -70,14 +73,36 @@ class LayerParts:
     dense: Callable[[torch.Tensor], torch.Tensor] | None
     rope_index: int | None = None
     """Which of several rotary embeddings (one per layer type) this layer's attention takes; None: the one."""
+    output_scale: torch.Tensor | None = None
+    """A factor on the layer's whole output, residual included (Gemma 4's `layer_scalar`), or None."""
+    attn_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments the attention module requires (Gemma 4's `shared_kv_states`)."""
+    normed_residual: tuple[float, float] | None = None
+    """The residual stream goes on from each branch's normed input times these factors (attention, MLP), as in
+    MiniMax; None: from the branch's input as is."""
+    parallel: bool = False
+    """Attention and MLP read the same normed input (Cohere's parallel blocks): the attention stage hands the
+    MLP that input beside the residual stream (`StagedModel.attention`)."""
+    rope: bool = True
+    """The attention takes the rotary embedding (False: a NoPE layer, handed None)."""
+    recurrent: bool = False
+    """The token mixer keeps recurrent state (Gated DeltaNet, Mamba, short convolution): it runs per sequence
+    over the engine's state slots (`recurrent.run_recurrent`), not over the paged KV."""
 
 
 # Transformers' names for the same part across families, in the order they are tried.
 _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+_EMBED_NAMES = ("embed_tokens", "embeddings")
+_FINAL_NORMS = ("norm", "final_layernorm", "embedding_norm", "norm_f")
+"""The norm before the LM head (LFM2 names it `embedding_norm`, though it runs last)."""
+_MIXER_NAMES = ("self_attn", "linear_attn", "mamba", "conv")
+"""The token mixer: softmax attention, or the recurrent mixers of hybrid families (which ones keep state is
+read from the model's own cache at load, `probe.state_layout`)."""
+_ATTN_NORMS = ("input_layernorm", "operator_norm")
 _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 _POST_ATTN_NORMS = ("post_self_attn_layernorm",)
-_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "pre_mlp_layernorm")
+_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "pre_mlp_layernorm", "pre_ff_layernorm", "ffn_norm")
 _POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
 
 
@@ -100,18 +125,24 @@ class MoEAdapter:
         """Raises ConfigError naming the family and the missing part when the model is not of this shape."""
         # Transformers modules are dynamically typed; Any keeps attribute access honest about that.
         self.model: Any = model
-        self.config: Any = cast(Any, model).config
-        self.family = str(self.config.model_type)
+        own: Any = cast(Any, model).config
+        self.family = str(own.model_type)
+        # A multimodal checkpoint (Gemma 4, Qwen3.5-MoE as released) keeps the text model's settings in its
+        # text config and the decoder in `model.language_model`; the engine serves that decoder.
+        self.config: Any = own.get_text_config()
         self.inner: Any = getattr(model, "model", None)
-        for owner, name in (
-            (self.inner, "layers"),
-            (self.inner, "embed_tokens"),
-            (self.inner, "norm"),
-            (model, "lm_head"),
+        self.inner = getattr(self.inner, "language_model", None) or self.inner
+        for owner, names in (
+            (self.inner, ("layers",)),
+            (self.inner, _EMBED_NAMES),
+            (self.inner, _FINAL_NORMS),
+            (model, ("lm_head",)),
         ):
-            if getattr(owner, name, None) is None:
-                self.refuse(f"it has no model.{name}" if owner is self.inner else f"it has no {name}")
-        rotary = getattr(self.inner, "rotary_emb", None)
+            if first_attr(owner, names) is None:
+                self.refuse(f"it has no model.{names[0]}" if owner is self.inner else f"it has no {names[0]}")
+        self._embed: Any = first_attr(self.inner, _EMBED_NAMES)
+        self._norm: Any = first_attr(self.inner, _FINAL_NORMS)
+        rotary = first_attr(self.inner, ("rotary_emb", "pos_emb"))
         self._rotary = rotary
         types = getattr(self.config, "layer_types", None)
         self._rope_types: tuple[str, ...] = ()
@@ -131,7 +162,7 @@ class MoEAdapter:
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (N,) to hidden states (N, D)."""
-        return self.inner.embed_tokens(token_ids)
+        return self._embed(token_ids)
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Rope:
         """The rotary embedding for flat positions (N,), as the attention modules expect it (batch of one);
@@ -145,7 +176,7 @@ class MoEAdapter:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The norm before the LM head."""
-        return self.inner.norm(hidden)
+        return self._norm(hidden)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states to logits."""
@@ -153,7 +184,7 @@ class MoEAdapter:
 
     def layer_parts(self, index: int, layer: nn.Module) -> LayerParts:
         """Decoder layer `index` in staged form."""
-        attn = getattr(layer, "self_attn", None)
+        attn = first_attr(layer, _MIXER_NAMES)
         if attn is None:
             self.refuse(
                 f"decoder layer {index} ({type(layer).__name__}) has no self_attn (not a plain attention layer)"
@@ -162,7 +193,8 @@ class MoEAdapter:
             # Such attention is dense on short prompts, so the load probe could not tell.
             self.refuse(
                 f"the attention of layer {index} is sparse, its keys chosen by an indexer with a key cache of its "
-                "own (DeepSeek Sparse Attention); the paged attention is dense"
+                "own (DeepSeek Sparse Attention); the paged attention is dense: serving it needs the indexer's key "
+                "cache in the KV pool and paged attention over the keys it picks"
             )
         attn_norm, attn_out_norm, mlp_norm = self.norms(layer)
         mlp = first_attr(layer, _MLP_NAMES)
@@ -189,7 +221,7 @@ class MoEAdapter:
         pre-MLP norm in Llama-style layers, but the norm on the attention output when the layer has its own
         pre-MLP norm (sandwich norms) or no input norm at all (OLMo-2-style post-norms), unless the layer
         names its attention-output norm otherwise."""
-        attn_norm = getattr(layer, "input_layernorm", None)
+        attn_norm = first_attr(layer, _ATTN_NORMS)
         post_attn = getattr(layer, "post_attention_layernorm", None)
         pre_mlp = first_attr(layer, _PRE_MLP_NORMS)
         attn_out = first_attr(layer, _POST_ATTN_NORMS)

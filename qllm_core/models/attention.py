@@ -8,7 +8,7 @@ writes the new K/V into the request's KV blocks and attends each sequence to its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from qllm_core.cache import KVCache
+from qllm_core.models.varlen import QueryGroup, attend_groups, attend_with_sinks, build_groups
 from qllm_core.transfer import to_device
 
 ATTENTION_NAME = "qllm_paged"
@@ -40,8 +41,9 @@ class SeqSlice:
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """Per-pass attention metadata, built once and shared by every layer: either per-sequence slices (any
-    mix of prefills and decodes) or, when every sequence feeds one token, one padded decode layout."""
+    """Per-pass attention metadata, built once and shared by every layer: either per-sequence slices with
+    their padded query groups (any mix of prefills and decodes, `varlen.py`) or, when every sequence feeds
+    one token, one padded decode layout from the block tables."""
 
     kv: KVCache
     write_slots: torch.Tensor
@@ -54,22 +56,27 @@ class AttentionBatch:
     """(batch,) context length of each decoding sequence, its new token included."""
     decode_mask: torch.Tensor | None = None
     """(batch, 1, 1, longest context) True where a decode slot is real; None when no sequence is padded."""
-
-    @classmethod
-    def for_sequences(cls, kv: KVCache, seqs: tuple[SeqSlice, ...], write_slots: torch.Tensor) -> AttentionBatch:
-        """Any mix of prefills and decodes, attended one sequence at a time."""
-        return cls(kv, write_slots, seqs=seqs)
+    request_ids: tuple[str, ...] = ()
+    """The sequences' requests in batch order, where the builder knows them (recurrent state slots need them)."""
+    positions: tuple[int, ...] = ()
+    """A decode layout's positions (host side), in batch order."""
+    groups: tuple[QueryGroup, ...] = ()
+    """The slices as padded groups, one attention call each (`varlen.build_groups`); empty for a decode layout."""
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    """A decode layout's mask per sliding window, built by the first layer that asks."""
 
     @classmethod
     def for_runs(cls, kv: KVCache, runs: list[tuple[str, int, int]]) -> AttentionBatch:
-        """Per-sequence slices for runs of new tokens, each (request id, first position, tokens), in flat-batch
-        order; the requests' blocks must hold them."""
+        """Any mix of prefills and decodes: per-sequence slices for runs of new tokens, each (request id, first
+        position, tokens), in flat-batch order, attended as padded groups; the requests' blocks must hold them."""
         seqs, writes, offset = [], [], 0
         for request_id, start, n in runs:
             seqs.append(SeqSlice(offset, n, kv.slots(request_id, 0, start + n)))
             writes.append(kv.slots(request_id, start, start + n))
             offset += n
-        return cls(kv, torch.cat(writes), seqs=tuple(seqs))
+        slices = tuple(seqs)
+        groups = build_groups(slices, kv.device)
+        return cls(kv, torch.cat(writes), seqs=slices, request_ids=tuple(r[0] for r in runs), groups=groups)
 
     @classmethod
     def for_decode(cls, kv: KVCache, request_ids: list[str], positions: list[int]) -> AttentionBatch:
@@ -87,14 +94,27 @@ class AttentionBatch:
         mask = None
         if min(positions) != max(positions):
             mask = (torch.arange(longest, device=kv.device)[None, :] < lengths[:, None])[:, None, None, :]
-        return cls(kv, write, decode_slots=slots, decode_lengths=lengths, decode_mask=mask)
+        return cls(
+            kv,
+            write,
+            decode_slots=slots,
+            decode_lengths=lengths,
+            decode_mask=mask,
+            request_ids=tuple(request_ids),
+            positions=tuple(positions),
+        )
 
     def window_mask(self, window: int) -> torch.Tensor:
-        """The decode mask for a sliding window: each token sees only its last `window` positions."""
+        """The decode mask for a sliding window: each token sees only its last `window` positions (built once
+        per pass and window)."""
         assert self.decode_slots is not None and self.decode_lengths is not None  # noqa: S101
-        key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)[None, :]
-        query_pos = self.decode_lengths[:, None] - 1
-        return ((key_pos <= query_pos) & (query_pos - key_pos < window))[:, None, None, :]
+        mask = self._window_masks.get(window)
+        if mask is None:
+            key_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)[None, :]
+            query_pos = self.decode_lengths[:, None] - 1
+            mask = ((key_pos <= query_pos) & (query_pos - key_pos < window))[:, None, None, :]
+            self._window_masks[window] = mask
+        return mask
 
 
 def paged_attention(
@@ -115,6 +135,8 @@ def paged_attention(
     sinks = kwargs.get("s_aux")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     k_cache, v_cache = batch.kv.k[layer], batch.kv.v[layer]
+    if k_cache is None or v_cache is None:
+        raise RuntimeError(f"layer {layer} runs softmax attention but the KV pool keeps no KV for it")
     k_cache.index_copy_(0, batch.write_slots, key[0].transpose(0, 1))
     v_cache.index_copy_(0, batch.write_slots, value[0].transpose(0, 1))
 
@@ -125,65 +147,18 @@ def paged_attention(
         rows = batch.decode_slots.shape
         k = k_cache.index_select(0, flat).view(*rows, *k_cache.shape[1:]).transpose(1, 2)  # (B, Hkv, L, dk)
         v = v_cache.index_select(0, flat).view(*rows, *v_cache.shape[1:]).transpose(1, 2)
-        mask = batch.decode_mask if window is None else batch.window_mask(window)
+        # A window at least as long as the longest context hides nothing: the padding mask is the whole mask.
+        unwindowed = window is None or window >= batch.decode_slots.shape[1]
+        mask = batch.decode_mask if unwindowed else batch.window_mask(window)  # type: ignore[arg-type]
         if sinks is not None:
-            out = _attend_with_sinks(q, k, v, mask, scaling, sinks)
+            out = attend_with_sinks(q, k, v, mask, scaling, sinks)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
             )
         return out.squeeze(2).unsqueeze(0), None
 
-    outs = []
-    for s in batch.seqs:
-        q = query[:, :, s.start : s.start + s.length]
-        k = k_cache.index_select(0, s.context_slots).transpose(0, 1).unsqueeze(0)
-        v = v_cache.index_select(0, s.context_slots).transpose(0, 1).unsqueeze(0)
-        context = len(s.context_slots)
-        gqa = k.shape[1] != q.shape[1]
-        if sinks is not None:
-            o = _attend_with_sinks(q, k, v, _causal_mask(s.length, context, window, q.device), scaling, sinks)
-        elif context == s.length and (window is None or window >= context):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:
-            mask = _causal_mask(s.length, context, window, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        outs.append(o)
-    # Contiguous, as transformers' own attention functions return it: some modules `view` the output.
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _attend_with_sinks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float | None,
-    sinks: torch.Tensor,
-) -> torch.Tensor:
-    """Attention whose softmax also spans one sink logit per head, as transformers' eager gpt-oss attention
-    computes it (SDPA has no sinks). `mask` is True where a query may see a key; None sees every key."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], 1).to(scores.dtype)
-    logits = torch.cat([scores, sink], dim=-1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = logits.softmax(dim=-1)[..., :-1]
-    return torch.matmul(probs.to(v.dtype), v)
-
-
-def _causal_mask(num_new: int, context: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """True where query i (at position context-num_new+i) may see key j."""
-    q_pos = torch.arange(context - num_new, context, device=device)[:, None]
-    k_pos = torch.arange(context, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= q_pos - k_pos < window
-    return mask
+    return attend_groups(batch.groups, query, k_cache, v_cache, window, scaling, sinks), None
 
 
 SHAPES_NAME = "qllm_shapes"

@@ -12,9 +12,9 @@ from qllm_core.models.adapter import LayerParts, MoEAdapter
 
 
 class GraniteMoeAdapter(MoEAdapter):
-    """Granite-MoE, Granite-MoE-Shared, Granite-MoE-SWA."""
+    """Granite-MoE, Granite-MoE-Shared, Granite-MoE-SWA, and Granite-4.0-H (Mamba-2 layers between attention ones)."""
 
-    model_types = ("granitemoe", "granitemoeshared", "granitemoe_swa")
+    model_types = ("granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid")
 
     def __init__(self, model: nn.Module) -> None:
         """Reads the three multipliers once from the config."""

@@ -15,15 +15,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-from qllm_core.cache import KVCache, KVLayout
+from qllm_core.cache import KVCache, KVLayout, LayerKV
 from qllm_core.errors import ConfigError
 from qllm_core.models.attention import RECORDER, SHAPES_NAME, AttentionBatch, AttentionCall
 from qllm_core.models.staged import StagedModel
+from qllm_core.state_pool import LayerState, StateLayout, StateShape
 
 SUPPORTED_ARGUMENTS = frozenset({"sliding_window", "s_aux"})
 """Attention arguments the paged attention implements (a sliding window, attention sinks)."""
@@ -74,13 +76,18 @@ def reference_attention(model: nn.Module) -> str:
     return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
 
 
+def _text_config(model: nn.Module) -> Any:
+    """The decoder's config: the model's own, or a multimodal model's text config."""
+    return cast(Any, model.config).get_text_config()
+
+
 def attention_calls(model: nn.Module, family: str) -> list[AttentionCall]:
     """One forward of `_WINDOW_PROBE` tokens through the model with `record_attention`: each layer's
     attention call. The config's sliding window is shrunk to 2 meanwhile, so the masks the model builds
     show which layers it windows (layer types, or every layer, as the family's own code decides)."""
     calls: list[AttentionCall] = []
     device = next(model.parameters()).device
-    config: Any = model.config
+    config = _text_config(model)
     window = getattr(config, "sliding_window", None)
     try:
         if isinstance(window, int):
@@ -99,22 +106,25 @@ def attention_calls(model: nn.Module, family: str) -> list[AttentionCall]:
     return calls
 
 
-def layer_windows(model: nn.Module, calls: list[AttentionCall]) -> list[int | None]:
-    """Each layer's sliding window: the config's, in the layers whose mask the model windowed."""
-    window = getattr(model.config, "sliding_window", None)
+def layer_windows(model: nn.Module, calls: list[AttentionCall], num_layers: int) -> list[int | None]:
+    """Each layer's sliding window: the config's, in the layers whose mask the model windowed (None in a
+    layer without softmax attention)."""
+    window = getattr(_text_config(model), "sliding_window", None)
     by_layer = {c.layer: c for c in calls}
-    return [window if by_layer[i].windowed else None for i in range(len(by_layer))]
+    return [window if i in by_layer and by_layer[i].windowed else None for i in range(num_layers)]
 
 
-def kv_layout(family: str, calls: list[AttentionCall], num_layers: int) -> KVLayout:
-    """The KV pool's layout from each layer's attention call; refuses layers without plain attention, with
-    unsupported attention arguments, or of different KV shapes."""
+def kv_layout(
+    family: str,
+    calls: list[AttentionCall],
+    attention_layers: list[int],
+    num_layers: int,
+    state: StateLayout | None = None,
+) -> KVLayout:
+    """The KV pool's layout from each layer's attention call: its own (heads, key width, value width) in each
+    of `attention_layers`, none elsewhere (recurrent layers, layers without a token mixer). Refuses a model
+    whose softmax attention ran elsewhere or takes arguments the paged attention does not implement."""
     by_layer = {c.layer: c for c in calls}
-    if len(calls) != num_layers or sorted(by_layer) != list(range(num_layers)):
-        raise ConfigError(
-            f"model type {family!r} is not supported: {num_layers} decoder layers but attention ran in layers "
-            f"{sorted(c.layer for c in calls)}; every layer must have one softmax attention over its own KV"
-        )
     for call in calls:
         unknown = sorted(call.arguments - SUPPORTED_ARGUMENTS - _PASSED_THROUGH)
         if unknown:
@@ -123,14 +133,70 @@ def kv_layout(family: str, calls: list[AttentionCall], num_layers: int) -> KVLay
                 f"model type {family!r} is not supported: the attention of layer {call.layer} takes {what}, "
                 "which the paged attention does not implement (it implements sliding windows and attention sinks)"
             )
-    shapes = {(c.num_kv_heads, c.k_head_dim, c.v_head_dim) for c in calls}
-    if len(shapes) != 1:
+    both = sorted(set(by_layer) & {i for i in range(num_layers) if state and state.layers[i] is not None})
+    if both:
         raise ConfigError(
-            f"model type {family!r} is not supported: its layers keep KV of different shapes {sorted(shapes)} "
-            "(heads, key width, value width); the KV pool holds one shape for every layer"
+            f"model type {family!r} is not supported: layer {both[0]} runs softmax attention and keeps recurrent "
+            "state besides (a convolution inside its attention); a staged layer's token mixer is one or the other"
         )
-    heads, k_dim, v_dim = shapes.pop()
-    return KVLayout(num_layers, heads, k_dim, v_dim)
+    if sorted(by_layer) != sorted(attention_layers):
+        raise ConfigError(
+            f"model type {family!r} is not supported: softmax attention was expected in layers {attention_layers} "
+            f"but ran in layers {sorted(by_layer)}; every other layer must be recurrent or have no token mixer"
+        )
+    return KVLayout(
+        tuple(
+            LayerKV(by_layer[i].num_kv_heads, by_layer[i].k_head_dim, by_layer[i].v_head_dim) if i in by_layer else None
+            for i in range(num_layers)
+        ),
+        state,
+    )
+
+
+def state_layout(model: nn.Module, family: str, num_layers: int) -> StateLayout | None:
+    """Each layer's recurrent state as transformers' own cache keeps it after a short forward (shapes
+    without the batch dimension, dtypes), or None when no layer keeps any."""
+    device = next(model.parameters()).device
+    try:
+        with attention_implementation(model, reference_attention(model)), torch.inference_mode():
+            out = model(input_ids=torch.arange(1, _WINDOW_PROBE + 1, device=device)[None], use_cache=True)
+    except Exception as exc:  # the model's own cached forward must run for its state to be read
+        raise ConfigError(
+            f"model type {family!r} is not supported: its cached forward fails ({type(exc).__name__}: {exc})"
+        ) from exc
+    cache = getattr(out, "past_key_values", None)
+    layers = list(getattr(cache, "layers", ()))
+    states: list[LayerState | None] = [None] * num_layers
+    for i, layer in enumerate(layers[:num_layers]):
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            states[i] = LayerState(
+                tuple(
+                    _shape(layer.conv_states, layer.is_conv_states_initialized, j)
+                    for j in range(layer.number_of_states)
+                ),
+                tuple(
+                    _shape(layer.recurrent_states, layer.is_recurrent_states_initialized, j)
+                    for j in range(layer.number_of_states)
+                ),
+            )
+    for i, linear in enumerate(getattr(cache, "linear_cache", [])[:num_layers]):  # MiniMax's own cache
+        if isinstance(linear, torch.Tensor):
+            states[i] = LayerState((), (StateShape(tuple(int(d) for d in linear.shape[1:]), linear.dtype),))
+    if all(s is None for s in states):
+        if type(cache).__name__ not in ("DynamicCache", "NoneType", "StaticCache"):
+            raise ConfigError(
+                f"model type {family!r} is not supported: it keeps its state in a {type(cache).__name__}, whose "
+                "methods the engine's state slots do not answer"
+            )
+        return None
+    return StateLayout(tuple(states))
+
+
+def _shape(tensors: Any, initialized: dict[int, bool], index: int) -> StateShape | None:
+    if not initialized.get(index):
+        return None
+    t = tensors[index]
+    return StateShape(tuple(int(d) for d in t.shape[1:]), t.dtype)
 
 
 @dataclass(frozen=True)
@@ -139,8 +205,8 @@ class _Reference:
 
     inputs: list[torch.Tensor]
     """(tokens, D) input of each decoder layer."""
-    attention: list[torch.Tensor]
-    """(tokens, D) output of each layer's attention module."""
+    attention: dict[int, torch.Tensor]
+    """(tokens, D) output of each layer's token mixer, by layer (none in a layer without one)."""
     outputs: list[torch.Tensor]
     logits: torch.Tensor
 
@@ -152,7 +218,7 @@ def _first(output: Any) -> torch.Tensor:
 
 def _reference(model: nn.Module, staged: StagedModel, token_ids: torch.Tensor) -> _Reference:
     inputs: list[torch.Tensor] = []
-    attention: list[torch.Tensor] = []
+    attention: dict[int, torch.Tensor] = {}
     outputs: list[torch.Tensor] = []
 
     def layer_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -163,7 +229,9 @@ def _reference(model: nn.Module, staged: StagedModel, token_ids: torch.Tensor) -
 
     hooks = [layer.register_forward_pre_hook(layer_input, with_kwargs=True) for layer in staged.layers]
     hooks += [layer.register_forward_hook(keep(outputs)) for layer in staged.layers]
-    hooks += [p.attn.register_forward_hook(keep(attention)) for p in staged.parts]
+    hooks += [
+        p.attn.register_forward_hook(_keep_at(attention, i)) for i, p in enumerate(staged.parts) if p.attn is not None
+    ]
     try:
         with attention_implementation(model, reference_attention(model)):
             logits = model(input_ids=token_ids.unsqueeze(0), use_cache=False).logits[0]
@@ -171,6 +239,13 @@ def _reference(model: nn.Module, staged: StagedModel, token_ids: torch.Tensor) -
         for h in hooks:
             h.remove()
     return _Reference(inputs, attention, outputs, logits)
+
+
+def _keep_at(into: dict[int, torch.Tensor], layer: int) -> Callable[[nn.Module, Any, Any], None]:
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        into[layer] = _first(output).clone()
+
+    return keep
 
 
 class _Mismatch(Exception):
@@ -213,33 +288,51 @@ def check_staged(staged: StagedModel, model: nn.Module, family: str) -> None:
     """Raise ConfigError naming the family and the first mismatching layer and stage if the staged forward
     differs from the model's own forward on the probe prompts."""
     device = next(model.parameters()).device
-    config: Any = model.config
-    vocab = int(config.vocab_size)
+    vocab = int(_text_config(model).vocab_size)
     sequences = [
         torch.tensor([(37 * i + 11 * n + 5) % vocab for i in range(n + 1)], device=device) for n in _PROMPT_LENGTHS
     ]
     try:
         with torch.inference_mode():
             refs = [_stage("the model's own forward", _reference, model, staged, ids) for ids in sequences]
-            _check(staged, refs, _phases(staged, sequences, refs[0].logits.dtype), sequences)
+            _check(staged, refs, _phases(staged, sequences, refs[0].inputs[0].dtype), sequences)
     except _Mismatch as exc:
+        why = ""
+        if staged.state is not None and "second chunk" in str(exc):
+            why = (
+                "; its recurrent layers do not carry their state across prefill chunks (their scan restarts "
+                "from zero on a multi-token input), so a prompt prefilled in chunks would be served wrong"
+            )
         raise ConfigError(
-            f"model type {family!r} is not supported: the staged forward differs from the model's own at {exc}"
+            f"model type {family!r} is not supported: the staged forward differs from the model's own at {exc}{why}"
         ) from None
 
 
 def _phases(staged: StagedModel, sequences: list[torch.Tensor], dtype: torch.dtype) -> list[_Phase]:
-    """A private KV pool holding the sequences, a prefill of all but their last token and a decode of it."""
+    """A private KV pool holding the sequences, a prefill of all but their last token in two chunks, and a
+    decode of it."""
     device = sequences[0].device
     ids = [str(i) for i in range(len(sequences))]
     blocks = sum(-(-len(s) // _BLOCK) for s in sequences)
     kv = KVCache.for_layout(staged.kv_layout(), num_blocks=blocks, block_size=_BLOCK, dtype=dtype, device=device)
+    if kv.state is not None:  # room for the state slots the probe's sequences are charged
+        kv = KVCache.for_layout(staged.kv_layout(), blocks * (1 + kv.state.block_cost), _BLOCK, dtype, device)
     for rid, s in zip(ids, sequences, strict=True):
         kv.allocate(rid, len(s))
-    prefill = AttentionBatch.for_runs(kv, [(rid, 0, len(s) - 1) for rid, s in zip(ids, sequences, strict=True)])
+    # The prompt in two chunks, the second continuing the first's KV and recurrent state, then a decode step.
+    cuts = [(len(s) - 1) // 2 for s in sequences]
+    first = AttentionBatch.for_runs(kv, [(rid, 0, c) for rid, c in zip(ids, cuts, strict=True)])
+    second = AttentionBatch.for_runs(
+        kv, [(rid, c, len(s) - 1 - c) for rid, c, s in zip(ids, cuts, sequences, strict=True)]
+    )
     decode = AttentionBatch.for_decode(kv, ids, [len(s) - 1 for s in sequences])
     return [
-        _Phase("prefill", [torch.arange(len(s) - 1, device=device) for s in sequences], prefill),
+        _Phase("prefill, first chunk", [torch.arange(c, device=device) for c in cuts], first),
+        _Phase(
+            "prefill, second chunk",
+            [torch.arange(c, len(s) - 1, device=device) for c, s in zip(cuts, sequences, strict=True)],
+            second,
+        ),
         _Phase("decode", [torch.tensor([len(s) - 1], device=device) for s in sequences], decode),
     ]
 
@@ -271,12 +364,19 @@ def _check_layer(staged: StagedModel, layer: int, refs: list[_Reference], phase:
     hidden = phase.take([r.inputs[layer] for r in refs])
     want = phase.take([r.outputs[layer] for r in refs])
     seen: list[torch.Tensor] = []
-    hook = staged.parts[layer].attn.register_forward_hook(lambda _m, _a, output: seen.append(_first(output)))
+    attn = staged.parts[layer].attn
+    # A recurrent mixer runs sequence by sequence: there the layer's output tells.
+    attention = attn is not None and not staged.parts[layer].recurrent
+    hook = None
+    if attn is not None and attention:
+        hook = attn.register_forward_hook(lambda _m, _a, output: seen.append(_first(output)))
     try:
         mid = _stage(f"{where}, attention", staged.attention, layer, hidden, rope, phase.batch)
     finally:
-        hook.remove()
-    _compare(f"{where}, the attention module", seen[0], phase.take([r.attention[layer] for r in refs]))
+        if hook is not None:
+            hook.remove()
+    if attention:
+        _compare(f"{where}, the attention module", seen[0], phase.take([r.attention[layer] for r in refs]))
     for spans, label in _EXPERT_SPLITS:
         _compare(f"{where}, {label}", _stage(f"{where}, {label}", _mlp, staged, layer, mid, spans), want)
     if layer + 1 < staged.num_layers:

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from qllm_core.cache import KVLayout
 from qllm_core.config import BUILTIN_MODELS, EngineConfig
 from qllm_core.errors import ConfigError
 from qllm_core.models.adapter import MoEAdapter
 from qllm_core.models.attention import ATTENTION_NAME, set_window
 from qllm_core.models.builtin import ensure_builtin
 from qllm_core.models.families import ADAPTERS, REFUSED
-from qllm_core.models.probe import attention_calls, check_staged, kv_layout, layer_windows
+from qllm_core.models.probe import attention_calls, check_staged, kv_layout, layer_windows, state_layout
 from qllm_core.models.staged import StagedModel
 
 # What dtype "auto" may take from a checkpoint on CUDA; anything else (float64, none stated) gives bfloat16.
@@ -110,7 +111,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     family = str(hf_config.model_type)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device, getattr(hf_config, "dtype", None))
-    context = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    text_config = hf_config.get_text_config()
+    context = int(getattr(text_config, "max_position_embeddings", 0) or 0)
     max_len = config.max_model_len or context
     if context and max_len > context:
         raise ConfigError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={context}")
@@ -142,7 +144,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         device=device,
         max_model_len=max_len,
         eos_token_ids=frozenset(int(e) for e in eos_ids),
-        vocab_size=int(hf_config.vocab_size),
+        vocab_size=int(text_config.vocab_size),
     )
 
 
@@ -150,12 +152,15 @@ def stage_model(model: torch.nn.Module, family: str, grouped: bool) -> StagedMod
     """The model cut into stages by its family's adapter (the default one for most families), its KV
     layout read from its own attention calls, and the result checked against its own forward."""
     adapter = ADAPTERS.get(family, MoEAdapter)(model)
-    layers = adapter.layers
+    num_layers = len(adapter.layers)
     calls = attention_calls(model, family)
-    layout = kv_layout(family, calls, len(layers))
-    staged = StagedModel(adapter, grouped=grouped, layout=layout)
-    for parts, window in zip(staged.parts, layer_windows(model, calls), strict=True):
-        set_window(parts.attn, window)
+    state = state_layout(model, family, num_layers)
+    staged = StagedModel(adapter, grouped=grouped, layout=KVLayout(()), state=state)
+    attention = [i for i, p in enumerate(staged.parts) if p.attn is not None and not p.recurrent]
+    staged.layout = kv_layout(family, calls, attention, num_layers, state)
+    for parts, window in zip(staged.parts, layer_windows(model, calls, num_layers), strict=True):
+        if parts.attn is not None and not parts.recurrent:
+            set_window(parts.attn, window)
     if all(p.moe is None for p in staged.parts):
         raise ConfigError(
             f"model type {family!r} is not supported: it has no MoE layer; qllm serves Mixture-of-Experts models"

@@ -9,7 +9,7 @@ the model's; `probe.py` checks that at load.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -17,6 +17,8 @@ from qllm_core.cache import KVLayout
 from qllm_core.models.adapter import LayerParts, MoEAdapter, Rope
 from qllm_core.models.attention import AttentionBatch
 from qllm_core.models.experts import ExpertKernel
+from qllm_core.models.recurrent import run_recurrent
+from qllm_core.state_pool import StateLayout
 
 
 @dataclass
@@ -115,6 +117,10 @@ def group_by_expert(
 # At most this many rows per expert for the batched CPU kernel (`batched_experts`): beyond it, measured on a
 # 2-core CPU (bench preset), grouped_mm is as fast or faster.
 _BATCHED_MAX_ROWS = 32
+# At most this many (token, slot) rows for `ExpertKernel.few_rows` on a CPU: measured on 2 cores (bench preset,
+# one thread), 1.4x faster than grouped_mm for a lone decode, even at 4 rows, and slower than
+# `batched_experts` at 16.
+FEW_ROWS = 4
 
 
 def batched_experts(
@@ -148,16 +154,21 @@ def batched_experts(
 class StagedModel:
     """Stage functions over one loaded model. Holds no per-pass state."""
 
-    def __init__(self, adapter: MoEAdapter, grouped: bool, layout: KVLayout) -> None:
+    def __init__(self, adapter: MoEAdapter, grouped: bool, layout: KVLayout, state: StateLayout | None = None) -> None:
         """`grouped`: the model's default kernel (grouped_mm) runs its experts, and a span of several
         experts runs through one `grouped_mm` per projection; else (float64, which has no such kernel) the
         eager loop runs them. A span of one expert, and every span in float64, runs expert by expert with
-        the eager loop's arithmetic. `layout`: one token's KV in every layer (`probe.kv_layout`)."""
+        the eager loop's arithmetic. `layout`: one token's KV in each layer (`probe.kv_layout`); `state`: each
+        layer's recurrent state (`probe.state_layout`), whose layers' token mixers run as recurrent ones."""
         self.adapter = adapter
         self.grouped = grouped
         self.layers = adapter.layers
         self.parts: list[LayerParts] = [adapter.layer_parts(i, layer) for i, layer in enumerate(self.layers)]
-        self._layout = layout
+        self.layout = layout
+        """Set again by the loader once the parts tell which layers run softmax attention."""
+        self.state = state
+        if state is not None:
+            self.parts = [replace(p, recurrent=s is not None) for p, s in zip(self.parts, state.layers, strict=True)]
 
     @property
     def num_layers(self) -> int:
@@ -166,7 +177,7 @@ class StagedModel:
 
     def kv_layout(self) -> KVLayout:
         """The shape of one token's KV in every layer, for the engine's KV pool."""
-        return self._layout
+        return self.layout
 
     def has_shared_expert(self, layer: int) -> bool:
         """True when the layer has a shared expert stage."""
@@ -199,16 +210,27 @@ class StagedModel:
     def attention(self, layer: int, hidden: torch.Tensor, rope: Rope, batch: AttentionBatch) -> torch.Tensor:
         """Norm, the model's attention module over the paged cache, norm and scale of its output, residual add."""
         p = self.parts[layer]
+        if p.attn is None:  # a layer without a token mixer (Nemotron-H's MLP-only layers)
+            return hidden
         normed = hidden if p.attn_norm is None else p.attn_norm(hidden)
-        out = p.attn(
-            hidden_states=normed.unsqueeze(0),
-            position_embeddings=rope if p.rope_index is None else rope[p.rope_index],
-            attention_mask=None,
-            qllm_batch=batch,
-        )[0][0]
+        if p.recurrent:
+            out = run_recurrent(p.attn, layer, normed, batch)
+        else:
+            out = p.attn(
+                hidden_states=normed.unsqueeze(0),
+                position_embeddings=None if not p.rope else rope if p.rope_index is None else rope[p.rope_index],
+                attention_mask=None,
+                qllm_batch=batch,
+                **p.attn_kwargs,
+            )[0][0]
         if p.attn_out_norm is not None:
             out = p.attn_out_norm(out)
-        return hidden + (out if p.residual_scale is None else out * p.residual_scale)  # type: ignore[no-any-return]
+        if p.normed_residual is not None:  # MiniMax: the stream goes on from the normed input, times alpha
+            hidden = normed * p.normed_residual[0]
+        hidden = hidden + (out if p.residual_scale is None else out * p.residual_scale)
+        if p.parallel:  # the MLP reads the attention's input: carried beside the residual to `route`
+            return torch.cat([hidden, normed], dim=-1)
+        return hidden  # type: ignore[no-any-return]
 
     def route(self, layer: int, hidden: torch.Tensor, expert_units: int | None) -> LayerWork:
         """Pre-MLP norm and the model's own router (or, for a dense layer, its whole MLP).
@@ -218,11 +240,16 @@ class StagedModel:
         once, with no host read.
         """
         p = self.parts[layer]
-        normed = hidden if p.mlp_norm is None else p.mlp_norm(hidden)
+        if p.parallel:
+            hidden, normed = hidden.chunk(2, dim=-1)
+        else:
+            normed = hidden if p.mlp_norm is None else p.mlp_norm(hidden)
+        if p.normed_residual is not None:
+            hidden = normed * p.normed_residual[1]
         moe = p.moe
-        if moe is None:
-            assert p.dense is not None  # noqa: S101
-            return LayerWork(p, hidden, normed, None, None, p.dense(normed))
+        if moe is None:  # a dense MLP, or none (a layer of a token mixer only): its output is zero
+            out = torch.zeros_like(normed) if p.dense is None else p.dense(normed)
+            return LayerWork(p, hidden, normed, None, None, out)
         _, weights, index = moe.router(normed, *moe.router_args)[:3]
         if expert_units is None:
             return LayerWork(p, hidden, normed, index, weights, normed)
@@ -235,6 +262,9 @@ class StagedModel:
         moe = self.parts[layer].moe
         assert moe is not None and work.top_k_index is not None and work.top_k_weights is not None  # noqa: S101
         if self.grouped and work.normed.device.type == "cpu":
+            if work.top_k_index.numel() <= FEW_ROWS:
+                work.out = moe.kernel.few_rows(work.normed, work.top_k_index, work.top_k_weights)
+                return
             out = batched_experts(moe.kernel, work.normed, work.top_k_index, work.top_k_weights)
             if out is not None:
                 work.out = out
@@ -277,12 +307,16 @@ class StagedModel:
         out = work.out
         if p.moe is not None and p.moe.routed_scale is not None:
             out = out * p.moe.routed_scale
+        if p.moe is not None and p.moe.routed_norm is not None:
+            out = p.moe.routed_norm(out)
         if work.shared_out is not None:
             out = out + work.shared_out
         if p.mlp_out_norm is not None:
             out = p.mlp_out_norm(out)
-        return work.residual + (out if p.residual_scale is None else out * p.residual_scale)
+        hidden = work.residual + (out if p.residual_scale is None else out * p.residual_scale)
+        return hidden if p.output_scale is None else hidden * p.output_scale
 
     def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the rows whose next token is wanted."""
-        return self.adapter.lm_head(self.adapter.final_norm(hidden[rows]))
+        # index_select, not advanced indexing: the same gather, cheaper on a CPU.
+        return self.adapter.lm_head(self.adapter.final_norm(hidden.index_select(0, rows)))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qllm_core.cache import KVAccountingError, KVCache
+from qllm_core.cache import KVAccountingError, KVCache, KVLayout
 
 
 def _pool(blocks: int = 8) -> KVCache:
-    return KVCache(2, 1, 4, blocks, 4, torch.float32, torch.device("cpu"))
+    return KVCache(KVLayout.uniform(2, 1, 4), blocks, 4, torch.float32, torch.device("cpu"))
 
 
 def test_allocate_grow_and_free() -> None:
@@ -53,7 +53,7 @@ def test_audit_recounts_the_tables_behind_the_used_count() -> None:
 
 @pytest.mark.parametrize(("start", "end"), [(0, 1), (3, 7), (0, 300), (5, 400), (131, 400), (399, 400)])
 def test_slots_follow_the_block_table_for_short_and_long_ranges(start: int, end: int) -> None:
-    kv = KVCache(1, 1, 4, 200, 4, torch.float32, torch.device("cpu"))
+    kv = KVCache(KVLayout.uniform(1, 1, 4), 200, 4, torch.float32, torch.device("cpu"))
     kv.allocate("other", 10)  # so the request's blocks are not 0, 1, 2, ...
     kv.allocate("r", 400)
     table = kv.slots("r", 0, 400).tolist()

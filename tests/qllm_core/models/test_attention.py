@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from qllm_core.cache import KVCache
+from qllm_core.cache import KVCache, KVLayout
 from qllm_core.models.attention import AttentionBatch
 
 
 def _pool_with(lengths: dict[str, int]) -> KVCache:
-    kv = KVCache(1, 1, 2, 32, 4, torch.float32, torch.device("cpu"))
+    kv = KVCache(KVLayout.uniform(1, 1, 2), 32, 4, torch.float32, torch.device("cpu"))
     # Interleaved growth, so that block tables are not contiguous runs.
     for step in range(1, max(lengths.values()) + 1):
         for rid, n in lengths.items():

@@ -40,9 +40,12 @@ def test_alone_matches_transformers(family: str, family_checkpoints: dict[str, P
         assert list(out.token_ids) == reference(path, torch.float64, prompt, MAX_NEW), f"prompt {i}"
 
 
-def _mixed_load(core: EngineCore) -> tuple[dict[str, list[int]], dict[str, RequestOutput]]:
+def _mixed_load(
+    core: EngineCore, before_step: Callable[[int, dict[str, RequestOutput]], None] | None = None
+) -> tuple[dict[str, list[int]], dict[str, RequestOutput]]:
     """BE prompts start first; LS prompts arrive while BE passes are mid-flight, so they preempt. Returns
-    the prompts and the final outputs of the requests that finished meanwhile."""
+    the prompts and the final outputs of the requests that finished meanwhile. `before_step(step, finals)`
+    may act on the engine before each step (abort a request), adding the outputs it gets to `finals`."""
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     prompts: dict[str, list[int]] = {}
     finals: dict[str, RequestOutput] = {}
@@ -54,6 +57,8 @@ def _mixed_load(core: EngineCore) -> tuple[dict[str, list[int]], dict[str, Reque
             rid = f"ls{step}"
             prompts[rid] = PROMPTS[step % len(PROMPTS)]
             core.add_request(rid, prompts[rid], params, "ls")
+        if before_step is not None:
+            before_step(step, finals)
         finals.update((out.request_id, out) for out in core.step() if out.finished)
     return prompts, finals
 
