@@ -11,9 +11,10 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Deployment
 
+from deployments.faults import FAULT_INJECTION_ENV
 from deployments.ingress import Ingress
 from deployments.load import RoutingRules
-from deployments.replica import FAULT_INJECTION_ENV, EngineReplica
+from deployments.replica import EngineReplica
 from deployments.request_router import PowerOfTwoRouter, QllmRequestRouter
 from deployments.router import PriorityRouter
 from deployments.settings import AppSettings
@@ -32,9 +33,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     scaling: dict[str, Any] = (
         {"autoscaling_config": settings.autoscaling} if settings.autoscaling else {"num_replicas": settings.replicas}
     )
-    actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
-    if os.environ.get(FAULT_INJECTION_ENV) == "1":  # fault-injection tests switch it on where they build the app
-        actor_options["runtime_env"] = {"env_vars": {FAULT_INJECTION_ENV: "1"}}
+    # Fault-injection tests switch the hooks on (engine replicas, router) where they build the app.
+    hooks = (
+        {"runtime_env": {"env_vars": {FAULT_INJECTION_ENV: "1"}}} if os.environ.get(FAULT_INJECTION_ENV) == "1" else {}
+    )
+    actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus, **hooks}
     engine_options: dict[str, Any] = {
         "max_ongoing_requests": _MAX_ONGOING_PER_REPLICA,
         "ray_actor_options": actor_options,
@@ -54,7 +57,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             request_routing_stats_period_s=settings.stats_period_s,  # type: ignore[arg-type]
         )
         router = _deployment(
-            PriorityRouter, num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
+            PriorityRouter, num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0, **hooks}
         ).bind(settings)
     else:
         # Ray Serve's power of two choices (a subclass only so that benchmarks can pin background load).
@@ -62,5 +65,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             request_router_class=PowerOfTwoRouter,  # type: ignore[arg-type]
         )
     engine = _deployment(EngineReplica, **engine_options).bind(settings, router)
-    ingress = _deployment(Ingress, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+    ingress = _deployment(
+        Ingress,
+        num_replicas=settings.ingress_replicas,
+        max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0},
+    )
     return ingress.bind(settings, engine, router)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -28,16 +29,28 @@ async def merged(streams: Sequence[AsyncIterator[Item]]) -> AsyncIterator[tuple[
     A failure raises here and closes the other streams; so does closing this iterator (the caller left).
     """
     if len(streams) == 1:  # the common case needs no tasks
-        stream = streams[0]
-        try:
-            async for item in stream:
+        async with contextlib.aclosing(_single(streams[0])) as one:
+            async for item in one:
                 yield 0, item
-        finally:
-            # Closed early, this iterator closes the stream at once rather than whenever it is collected.
-            close = getattr(stream, "aclose", None)
-            if close is not None:
-                await close()
         return
+    # Closed early, this iterator closes the inner one at once (which closes the streams), not at collection.
+    async with contextlib.aclosing(_several(streams)) as several:
+        async for index, item in several:
+            yield index, item
+
+
+async def _single(stream: AsyncIterator[Item]) -> AsyncGenerator[Item, None]:
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        # Closed early, this iterator closes the stream at once rather than whenever it is collected.
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _several(streams: Sequence[AsyncIterator[Item]]) -> AsyncGenerator[tuple[int, Item], None]:
     queue: asyncio.Queue[tuple[int, _Next[Item] | _Ended]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[Item]) -> None:

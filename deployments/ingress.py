@@ -8,6 +8,8 @@ way ends with an error event. Tokens never pass through the router.
 """
 
 import asyncio
+import functools
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,13 +22,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.auth import authorized, load_api_key
+from deployments.auth import Client, load_api_keys
 from deployments.choices import Choices
+from deployments.limits import Gate
 from deployments.openai_api import ApiError, parse_body, read_body, sse
 from deployments.openai_requests import ChatRequest, CompletionRequest
 from deployments.openai_responses import AnswerFormat
 from deployments.protocol import (
     PLACEMENT_KWARG,
+    PRIORITY_HEADER,
     AdmitAnswer,
     GenerateRequest,
     Overloaded,
@@ -38,11 +42,9 @@ from deployments.protocol import (
 from deployments.request_log import RequestLog
 from deployments.settings import AppSettings
 from qllm_core import PriorityClass
-from qllm_core.errors import InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
 
-PRIORITY_HEADER = "x-qllm-priority"
 # How much longer than its hold bound a BE request waits for the PriorityRouter's answer before placing by
 # reported load instead (the router is down or restarting).
 _ADMIT_SLACK_S = 2.0
@@ -59,13 +61,27 @@ app = FastAPI(
 
 
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+async def _api_error(_: Request, exc: ApiError) -> Response:
+    return _error_response(exc)
+
+
+def _error_response(exc: ApiError) -> Response:
+    # ASCII JSON: a message quoting what the client sent (a lone surrogate included) always encodes.
+    return Response(json.dumps(exc.body()), status_code=exc.status, headers=exc.headers, media_type="application/json")
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+
+def _task_failed(exc: ray.exceptions.RayTaskError) -> ApiError:
+    """An exception raised by the request's own call on a live replica (which turns every error it knows into
+    a `StreamError`, so this is a fault of the server): a 500 for this request alone, not retried elsewhere,
+    where the same call would fail the same way. Ray's actor errors (the replica died) are not task errors."""
+    cause = type(exc.cause).__name__ if getattr(exc, "cause", None) is not None else type(exc).__name__
+    logger.error("the engine replica raised %s on a request: %s", cause, exc)
+    return ApiError(500, f"the engine replica failed on this request ({cause})", code="internal_error")
 
 
 Stream = TypeVar("Stream", bound=AsyncIterator[StreamItem | StreamError])
@@ -80,8 +96,15 @@ async def first_item(attempts: int, start: Callable[[], Awaitable[Stream]]) -> t
         stream = await start()
         try:
             first = await stream.__anext__()
+        except asyncio.CancelledError:  # the client left: end the request on its replica too
+            cancel = getattr(stream, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise
         except StopAsyncIteration:
             raise ApiError(500, "the engine replica ended the stream without output") from None
+        except ray.exceptions.RayTaskError as exc:  # raised by the request's own code there: not a dead replica
+            raise _task_failed(exc) from None
         except ray.exceptions.RayError as exc:  # the replica died or is unreachable: try another one
             failure = type(exc).__name__
         else:
@@ -97,6 +120,8 @@ async def next_item(stream: AsyncIterator[StreamItem | StreamError]) -> StreamIt
     stream broke off), the request ends with a 503 `replica_failed`: part of the output may be out already."""
     try:
         item = await stream.__anext__()
+    except ray.exceptions.RayTaskError as exc:
+        raise _task_failed(exc) from None
     except ray.exceptions.RayError as exc:
         failure = type(exc).__name__
     except StopAsyncIteration:
@@ -131,16 +156,7 @@ class Ingress:
         self._engine = engine
         self._stream = engine.options(stream=True)
         self._router = router
-        self._api_key = load_api_key(settings.api_key_file)
-
-    def _check_key(self, request: Request) -> None:
-        if self._api_key is not None and not authorized(request.headers.get("authorization"), self._api_key):
-            raise ApiError(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        self._gate = Gate(settings, load_api_keys(settings.api_key_file))
 
     @app.get("/health")
     async def health(self) -> Response:
@@ -154,27 +170,62 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         """The one model this application serves."""
-        self._check_key(request)
+        self._gate.client(request.headers.get("authorization"))
         card = {"id": self._model, "object": "model", "created": 0, "owned_by": "qllm"}
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         """Text completion of one prompt or a list, streaming or not."""
-        self._check_key(request)
-        return await self._serve(parse_body(await self._read_body(request), CompletionRequest), request)
+        client = self._gate.client(request.headers.get("authorization"))
+        return await self._serve(parse_body(await self._read_body(request), CompletionRequest), request, client)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         """Chat completion with the model's chat template, streaming or not."""
-        self._check_key(request)
-        return await self._serve(parse_body(await self._read_body(request), ChatRequest), request)
+        client = self._gate.client(request.headers.get("authorization"))
+        return await self._serve(parse_body(await self._read_body(request), ChatRequest), request, client)
 
     async def _read_body(self, request: Request) -> bytes:
         return await read_body(request.stream(), request.headers.get("content-length"), self._s.max_body_bytes)
 
     # ---- one request --------------------------------------------------------------------------------
-    async def _serve(self, body: CompletionRequest | ChatRequest, request: Request) -> Response:
+    async def _serve(self, body: CompletionRequest | ChatRequest, request: Request, client: Client) -> Response:
+        self._check_model(body)
+        priority = self._gate.priority(client, body.priority or request.headers.get(PRIORITY_HEADER))
+        request_id = f"{body.id_prefix}-{uuid.uuid4().hex}"
+        payload = body.to_request(request_id, priority, self._gate.deadline_s(body.ttft_deadline_ms))
+        self._gate.admit(client, payload)
+        answer = body.answer_format(request_id, self._model)
+        choices = Choices(payload.choices, payload.n, keep=not body.stream)
+        prompts = payload.prompts if self._s.log_prompts else None
+        log = RequestLog(request_id, priority.label, body.kind, body.stream, prompts=prompts)
+        release: Callable[[], None] | None = functools.partial(self._gate.release, client, payload)
+        stream: DeploymentResponseGenerator | None = None
+        try:
+            first, stream = await self._open(payload, priority)
+            log.first_item(first)
+            if body.stream:
+                ended = functools.partial(self._gate.release, client, payload)
+                events = self._events(answer, first, stream, choices, body.include_usage, log, ended)
+                release = None  # the stream releases the call when it ends
+                return StreamingResponse(events, media_type="text/event-stream")
+            await _collect(first, stream, choices)
+        except ApiError as exc:
+            log.finish(logger, exc.status, error=exc.code or str(exc.status))
+            raise
+        except asyncio.CancelledError:  # the client hung up on a call not streamed: Serve cancels this handler
+            if stream is not None:
+                stream.cancel()
+            log.finish(logger, 499, error="client_disconnected")
+            raise
+        finally:
+            if release is not None:
+                release()
+        log.finish(logger, 200, choices)
+        return JSONResponse(answer.body(choices))
+
+    def _check_model(self, body: CompletionRequest | ChatRequest) -> None:
         if body.model is not None and body.model != self._model:
             raise ApiError(
                 404,
@@ -182,49 +233,23 @@ class Ingress:
                 param="model",
                 code="model_not_found",
             )
-        priority = self._priority(body.priority or request.headers.get(PRIORITY_HEADER))
-        request_id = f"{body.id_prefix}-{uuid.uuid4().hex}"
-        deadline = None if body.ttft_deadline_ms is None else body.ttft_deadline_ms / 1000
-        payload = body.to_request(request_id, priority, deadline)
-        answer = body.answer_format(request_id, self._model)
-        choices = Choices(payload.choices, payload.n, keep=not body.stream)
-        prompts = payload.prompts if self._s.log_prompts else None
-        log = RequestLog(request_id, priority.label, body.kind, body.stream, prompts=prompts)
-        try:
-            first, stream = await self._open(payload, priority)
-            log.first_item(first)
-            if body.stream:
-                events = self._events(answer, first, stream, choices, body.include_usage, log)
-                return StreamingResponse(events, media_type="text/event-stream")
-            await _collect(first, stream, choices)
-        except ApiError as exc:
-            log.finish(logger, exc.status, error=exc.code or str(exc.status))
-            raise
-        log.finish(logger, 200, choices)
-        return JSONResponse(answer.body(choices))
 
-    def _priority(self, value: str | None) -> PriorityClass:
-        try:
-            return PriorityClass.parse(value if value is not None else self._s.engine.default_priority)
-        except InvalidRequestError as exc:
-            raise ApiError(400, exc.message, param="priority") from None
-
-    async def _admit(self, priority: PriorityClass) -> PlacementHint:
+    async def _admit(self, priority: PriorityClass, sequences: int) -> PlacementHint:
         """BE: the PriorityRouter's placement (429 when it rejects the request), or on its failure a hint
         without a ranking. LS: that hint at once, with no round trip: the request router in the handle places
         and admits LS itself, by the same rules, on the load replicas report."""
         if self._router is None or priority is PriorityClass.LATENCY_SENSITIVE:
-            return PlacementHint(priority)
+            return PlacementHint(priority, sequences=sequences)
         try:
             answer: AdmitAnswer = await asyncio.wait_for(
-                self._router.admit.remote(priority), self._s.be_hold_max_s + _ADMIT_SLACK_S
+                self._router.admit.remote(priority, sequences), self._s.be_hold_max_s + _ADMIT_SLACK_S
             )
-        except Exception as exc:  # router down or restarting: keep serving with fallback placement
+        except Exception as exc:  # router down, restarting or hung: keep serving with fallback placement
             logger.warning("PriorityRouter unavailable (%s); placing by reported load", type(exc).__name__)
-            return PlacementHint(priority)
+            return PlacementHint(priority, sequences=sequences)
         if isinstance(answer, Rejected):
             raise self._overloaded(answer)
-        return PlacementHint(priority, answer.ranking, admitted=True)
+        return PlacementHint(priority, answer.ranking, admitted=True, sequences=sequences)
 
     @staticmethod
     def _overloaded(answer: Rejected) -> ApiError:
@@ -243,7 +268,7 @@ class Ingress:
         """Place the request and wait for its first item, placing it again if its replica fails first."""
 
         async def start() -> DeploymentResponseGenerator:
-            placement = await self._admit(priority)
+            placement = await self._admit(priority, request.choices)
             return self._stream.generate.remote(request, **{PLACEMENT_KWARG: placement})  # type: ignore[return-value]
 
         try:
@@ -262,6 +287,7 @@ class Ingress:
         choices: Choices,
         include_usage: bool,
         log: RequestLog,
+        release: Callable[[], None],
     ) -> AsyncIterator[bytes]:
         item = first
         failed: str | None = None
@@ -279,6 +305,7 @@ class Ingress:
             yield sse(exc.body())
         finally:
             stream.cancel()  # no-op when finished; aborts the request on the replica if the client left
+            release()
             # The client leaving ends this generator early: the line says so (status 499, nginx's convention).
             status = 200 if choices.finished or failed else 499
             log.finish(logger, status, choices, error=failed or (None if status == 200 else "client_disconnected"))

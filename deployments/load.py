@@ -90,11 +90,12 @@ class PlacementLog:
     replica's reports show them. Times are wall-clock (`time.time()`), as reports are stamped."""
 
     def __init__(self) -> None:
-        self._placed: dict[str, deque[tuple[float, PriorityClass]]] = {}
+        self._placed: dict[str, deque[tuple[float, PriorityClass, int]]] = {}
 
-    def add(self, replica_id: str, priority: PriorityClass, at: float) -> None:
-        """A request of `priority` placed on the replica at `at`."""
-        self._placed.setdefault(replica_id, deque()).append((at, priority))
+    def add(self, replica_id: str, priority: PriorityClass, at: float, sequences: int = 1) -> None:
+        """A call of `priority` placed on the replica at `at`, fanning out to `sequences` engine requests
+        there (as the replica's reports count them: one per choice)."""
+        self._placed.setdefault(replica_id, deque()).append((at, priority, sequences))
 
     def unreported(self, load: ReplicaLoad) -> Unreported:
         """The placements `load` does not show: those made after it was taken, or shortly before."""
@@ -103,8 +104,8 @@ class PlacementLog:
             return Unreported()
         while placed and placed[0][0] < load.reported_at - _IN_TRANSIT_S:
             placed.popleft()
-        ls = sum(1 for _, priority in placed if priority is LS)
-        return Unreported(ls=ls, be=len(placed) - ls)
+        ls = sum(n for _, priority, n in placed if priority is LS)
+        return Unreported(ls=ls, be=sum(n for _, _, n in placed) - ls)
 
     def keep_only(self, replica_ids: Collection[str]) -> None:
         """Forget replicas that are gone."""

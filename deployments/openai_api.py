@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -55,7 +56,8 @@ class ApiError(Exception):
 class Body(BaseModel):
     """A request body. Unknown fields are rejected so typos do not pass silently."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # No NaN or infinity in a float field (JSON's 1e999 reads as infinity).
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     def check(self) -> None:
         """Refuse, with an `ApiError` naming the field, what parses but cannot be served; run after parsing."""
@@ -88,12 +90,7 @@ def parse_body(raw: bytes, model: type[Parsed]) -> Parsed:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", code="invalid_json"
-        ) from None
+    data = _json_value(text)
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     try:
@@ -107,6 +104,28 @@ def parse_body(raw: bytes, model: type[Parsed]) -> Parsed:
         ) from None
     body.check()
     return body
+
+
+def _refuse_constant(name: str) -> float:
+    # Python's json reads NaN and Infinity, which JSON does not have (and no field takes).
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_value(text: str) -> object:
+    """`text` as JSON, or a 400 however it fails: bad syntax, nesting deeper than Python's recursion limit
+    (RecursionError), an integer literal longer than Python's int-from-string limit (ValueError), NaN or
+    Infinity (which JSON does not have). A number too large for a float (1e999) reads as infinity, which
+    the bodies' float fields refuse (`Body.model_config`)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:
+        raise ApiError(400, f"the body cannot be read: {exc}", code="invalid_json") from None
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

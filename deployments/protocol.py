@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 from qllm_core import FinishReason, PriorityClass, SamplingParams
 
+PRIORITY_HEADER = "x-qllm-priority"
+"""The HTTP header naming a request's class (a `PriorityClass` name) when the body has no `priority`: the
+ingress reads it, the benchmarks' HTTP runner sends it."""
+
 # ---- ingress <-> PriorityRouter: admission, and replica -> router: load reports ----------------------
 
 PLACEMENT_KWARG = "placement"
@@ -120,6 +124,8 @@ class PlacementHint:
     admitted: bool = False
     """The PriorityRouter admitted it; False: the request router applies the queue bounds itself, on the
     load the replicas report (the PriorityRouter is down)."""
+    sequences: int = 1
+    """The engine requests the call fans out to (`GenerateRequest.choices`): what placements count."""
 
 
 @dataclass(frozen=True)

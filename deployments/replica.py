@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 
 import torch
+from jinja2 import TemplateError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import faults
 from deployments.fan_out import merged
+from deployments.limits import CallLimits
 from deployments.load import replica_load
 from deployments.metrics import RayBackend
 from deployments.protocol import (
@@ -34,8 +36,25 @@ from qllm_core.stats import EngineStats
 
 logger = logging.getLogger("ray.serve")
 
-FAULT_INJECTION_ENV = "QLLM_FAULT_INJECTION"
-"""Set to 1 in an engine replica's environment to enable `kill_engine_loop` (fault-injection tests)."""
+
+def _texts(prompt: Prompt) -> list[str]:
+    """The client's text in a prompt: the text, or every message's content and name."""
+    if prompt.messages is None:
+        return [prompt.text or ""]
+    return [part for m in prompt.messages for part in (m.content, m.name or "")]
+
+
+def _require_encodable(text: str, param: str) -> None:
+    """JSON's \\ud800 escapes reach Python as lone surrogates, which are not characters: no tokenizer reads them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = f"U+{ord(text[exc.start]):04X}"
+        raise InvalidRequestError(
+            f"the {param} holds a lone surrogate ({code} at character {exc.start}), which is not a character: "
+            "send valid Unicode",
+            param,
+        ) from None
 
 
 class EngineReplica:
@@ -49,6 +68,7 @@ class EngineReplica:
         self._texts = TokenTexts(self._engine.tokenizer)
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._router = router
+        self._limits = CallLimits.of(settings)
         self._reporter: asyncio.Task[None] | None = None
         self._ensure_reporter()
 
@@ -66,6 +86,7 @@ class EngineReplica:
         self._ensure_reporter()
         try:
             prompt_ids = [self._token_ids(prompt) for prompt in request.prompts]
+            self._limits.check(request, [len(ids) for ids in prompt_ids])
             streams = [self._choice(request, index, prompt_ids[index // request.n]) for index in range(request.choices)]
             started: set[int] = set()
             async for index, out in merged(streams):
@@ -80,6 +101,9 @@ class EngineReplica:
             yield StreamError(503, str(exc), retryable=True)
         except QllmError as exc:
             yield StreamError(503, str(exc))
+        except Exception as exc:  # a fault of this server on this request alone: the replica serves on
+            logger.exception("request %s failed on this replica", request.request_id)
+            yield StreamError(500, f"the engine replica failed on this request ({type(exc).__name__})")
 
     def _choice(self, request: GenerateRequest, index: int, prompt_ids: list[int]) -> AsyncIterator[RequestOutput]:
         """One choice's engine stream. With a seed, choice j of a prompt samples with seed + j (as vLLM seeds
@@ -123,12 +147,21 @@ class EngineReplica:
 
     def _token_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids. A text prompt is tokenized here as the engine would tokenize it, so that
-        the ids behind its prompt log-probabilities are known."""
-        if prompt.messages is not None:
-            return self._chat_tokens(prompt.messages)
+        the ids behind its prompt log-probabilities are known. What the tokenizer or the chat template
+        refuses is the client's to fix: an `InvalidRequestError` (a 400), not a fault of this replica."""
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
-        return list(self._engine.tokenizer(prompt.text, add_special_tokens=False).input_ids)
+        param = "prompt" if prompt.messages is None else "messages"
+        for text in _texts(prompt):
+            _require_encodable(text, param)
+        try:
+            if prompt.messages is not None:
+                return self._chat_tokens(prompt.messages)
+            return list(self._engine.tokenizer(prompt.text, add_special_tokens=False).input_ids)
+        except TemplateError as exc:  # the template's own raise_exception: e.g. roles in an order it refuses
+            raise InvalidRequestError(f"the model's chat template refuses these messages: {exc}", param) from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"the {param} cannot be tokenized: {exc}", param) from None
 
     def _chat_tokens(self, messages: tuple[ChatTurn, ...]) -> list[int]:
         tokenizer = self._engine.tokenizer
@@ -167,19 +200,24 @@ class EngineReplica:
         or has had work but finished no step for longer than `engine_stall_timeout_s`."""
         self._engine.check_health(self._settings.engine_stall_timeout_s)
 
-    def kill_engine_loop(self) -> str:
+    # The fault hooks take `placement` as `stats` does: a ranking of one names the replica to hit.
+    def kill_engine_loop(self, placement: PlacementHint | None = None) -> str:
         """Fault injection: make the engine loop die as a bug in it would; returns this replica's id.
+        Refused unless $QLLM_FAULT_INJECTION=1 in this replica's environment (deployments/faults.py)."""
+        faults.require_enabled()
+        faults.kill_loop(self._engine)
+        return self._replica_id
 
-        Refused unless $QLLM_FAULT_INJECTION=1 in this replica's environment. No HTTP route leads here.
-        """
-        if os.environ.get(FAULT_INJECTION_ENV) != "1":
-            raise PermissionError(f"fault injection is off in this replica; it needs {FAULT_INJECTION_ENV}=1")
+    def fail_next_step(self, placement: PlacementHint | None = None) -> str:
+        """Fault injection: the engine's next step raises; returns this replica's id."""
+        faults.require_enabled()
+        faults.fail_next_step(self._engine)
+        return self._replica_id
 
-        def poison() -> None:
-            raise RuntimeError("fault injection: the engine loop was killed on purpose")
-
-        # The loop runs its queued commands outside the guard around a step, so this one ends the loop.
-        self._engine._commands.put(poison)
+    def stall_engine_loop(self, seconds: float, placement: PlacementHint | None = None) -> str:
+        """Fault injection: the engine loop stalls for `seconds`; returns this replica's id."""
+        faults.require_enabled()
+        faults.stall_loop(self._engine, seconds)
         return self._replica_id
 
     def _ensure_reporter(self) -> None:

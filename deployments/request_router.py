@@ -65,7 +65,7 @@ class QllmRequestRouter(RequestRouter):
         if hint is not None and ranking and pending_request is not None and not pending_request.future.done():
             # Serve goes to the first rank unless that replica is at max_ongoing_requests (then this is asked
             # again, and the request may count twice until the next report: the safe side).
-            self._log.add(ranking[0], hint.priority, time.time())
+            self._log.add(ranking[0], hint.priority, time.time(), hint.sequences)
         if pending_request is not None:
             # Once these ranks are tried, Serve should back off before asking again.
             pending_request.routing_context.should_backoff = True

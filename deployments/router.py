@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from deployments import faults
 from deployments.load import BE, LS, PlacementLog, RoutingRules, Unreported, can_take_be, outlooks, queued, rank
 from deployments.metrics import RayBackend, RouterMetrics
 from deployments.protocol import AdmitAnswer, Outlook, Placed, Rejected, ReplicaLoad, RouterStats
@@ -44,6 +45,7 @@ class _Replica:
 class _Held:
     since: float
     answer: asyncio.Future[Placed]
+    sequences: int = 1
 
 
 class PriorityRouter:
@@ -73,17 +75,18 @@ class PriorityRouter:
         self._export_load(load)
 
     # ---- admission and placement ----------------------------------------------------------------------
-    async def admit(self, priority: PriorityClass) -> AdmitAnswer:
-        """Rank replicas for a request, or reject it when its class's queue is full. LS is answered at once;
-        BE is held while no replica can take it without hurting LS, and behind every BE held before it."""
+    async def admit(self, priority: PriorityClass, sequences: int = 1) -> AdmitAnswer:
+        """Rank replicas for a call of `sequences` engine requests, or reject it when its class's queue is
+        full (queues count sequences, as replicas report them). LS is answered at once; BE is held while no
+        replica can take it without hurting LS, and behind every BE held before it."""
         if self._queued(priority) >= self._rules.max_queued(priority):
             return self._reject(priority)
         if priority is LS or (not self._held and self._be_has_room()):
-            return self._place(priority, 0.0)
-        return await self._hold()
+            return self._place(priority, 0.0, sequences)
+        return await self._hold(sequences)
 
-    async def _hold(self) -> Placed:
-        held = _Held(time.monotonic(), asyncio.get_running_loop().create_future())
+    async def _hold(self, sequences: int) -> Placed:
+        held = _Held(time.monotonic(), asyncio.get_running_loop().create_future(), sequences)
         self._held.append(held)
         self._be_holds += 1
         self._metrics.be_holds.inc()
@@ -110,12 +113,12 @@ class PriorityRouter:
     def _release_next(self) -> None:
         held = self._held.popleft()
         if not held.answer.done():
-            held.answer.set_result(self._place(BE, time.monotonic() - held.since))
+            held.answer.set_result(self._place(BE, time.monotonic() - held.since, held.sequences))
 
-    def _place(self, priority: PriorityClass, held_s: float) -> Placed:
+    def _place(self, priority: PriorityClass, held_s: float, sequences: int) -> Placed:
         ranking = rank(priority, self._outlooks())
         if ranking:
-            self._log.add(ranking[0], priority, time.time())
+            self._log.add(ranking[0], priority, time.time(), sequences)
         self._placed[priority] += 1
         # With no reports yet, Serve's own routing picks the replica.
         self._metrics.placements.labels(ranking[0] if ranking else "unknown", priority.label).inc()
@@ -135,7 +138,7 @@ class PriorityRouter:
     def _queued(self, priority: PriorityClass) -> int:
         """Requests of a class waiting: at the replicas as reported, placed since, and (BE) held here."""
         waiting = queued(priority, self._reports())
-        return waiting + len(self._held) if priority is BE else waiting
+        return waiting + sum(h.sequences for h in self._held) if priority is BE else waiting
 
     def _reports(self) -> list[tuple[ReplicaLoad, Unreported]]:
         self._forget_silent()
@@ -183,6 +186,12 @@ class PriorityRouter:
             be_holds=self._be_holds,
             rejected=self._rejected,
         )
+
+    async def hang(self, seconds: float) -> None:
+        """Fault injection: this router hangs (its event loop blocked) for `seconds`, answering nothing.
+        Refused unless $QLLM_FAULT_INJECTION=1 in its environment (deployments/faults.py)."""
+        faults.require_enabled()
+        faults.hang_event_loop(seconds)
 
     async def check_health(self) -> None:
         """Serve's health check (a coroutine like every method here, so it never runs in Serve's threads)."""

@@ -27,6 +27,9 @@ class AppSettings:
     """Name served at /v1/models and expected in requests' `model`; empty takes the engine's model."""
     replicas: int = 2
     """Engine replicas (one device each); ignored when autoscaling is set."""
+    ingress_replicas: int = 2
+    """Ingress (HTTP) replicas, no CPUs reserved: with two, losing one leaves the API answering while Serve
+    replaces it (each holds its own per-key in-flight counts, so `max_sequences_per_key` is per replica)."""
     num_gpus: float = 0.0
     """GPUs per engine replica (ray_actor_options.num_gpus); 0 on CPU."""
     num_cpus: float = 1.0
@@ -54,6 +57,18 @@ class AppSettings:
     """How often replicas report their load."""
     max_body_bytes: int = 1_000_000
     """Largest accepted request body."""
+    max_call_tokens: int = 65_536
+    """Most tokens one call may ask for: its sequences x (prompt tokens + max_tokens), summed over its prompts.
+    More is answered 413 (deployments/limits.py): one call cannot fill a replica's KV cache on its own."""
+    max_prompt_logprob_tokens: int = 8192
+    """Most prompt tokens one call may ask log-probabilities of (`echo` with `logprobs`, over its choices);
+    more is answered 413."""
+    max_sequences_per_key: int = 512
+    """Sequences one API key may have in flight on an ingress replica; a call that would pass it gets 429.
+    Only with API keys configured (clients are told apart by their keys)."""
+    min_ttft_deadline_ms: float = 100.0
+    """Smallest `ttft_deadline_ms` a request may set (400 below it): a deadline sorts a request ahead of
+    others, so an absurdly short one must not jump every queue."""
     placement_attempts: int = 3
     """Replicas tried for a request that has no token yet when its replica dies."""
     engine_stall_timeout_s: float = 60.0
@@ -62,7 +77,8 @@ class AppSettings:
     log_prompts: bool = False
     """Put prompt text (its first 2000 characters) in the per-request log lines; off, lines carry no user text."""
     api_key_file: str | None = None
-    """A file holding the API key (e.g. a mounted Kubernetes secret); $QLLM_API_KEY also works. No key: open."""
+    """A file holding the API keys, one a line, a key followed by ` best_effort` only ever served as BE (e.g. a
+    mounted Kubernetes secret; deployments/auth.py); $QLLM_API_KEY also works. No key: open."""
     routing: str = "priority"
     """"priority": the PriorityRouter admits and places requests; "power_of_two": Ray Serve's default
     router, blind to classes and SLOs (a baseline for comparison)."""
@@ -72,11 +88,15 @@ class AppSettings:
             raise ConfigError("engine must be an EngineConfig (use AppSettings.from_dict for YAML)")
         for name in (
             "replicas",
+            "ingress_replicas",
             "slo_window",
             "max_queued_be",
             "max_queued_ls",
             "max_body_bytes",
             "placement_attempts",
+            "max_call_tokens",
+            "max_prompt_logprob_tokens",
+            "max_sequences_per_key",
         ):
             require_positive_int(name, getattr(self, name))
         for name in (
@@ -87,6 +107,7 @@ class AppSettings:
             "stats_period_s",
             "num_cpus",
             "engine_stall_timeout_s",
+            "min_ttft_deadline_ms",
         ):
             require_positive_number(name, getattr(self, name))
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, int | float) or self.num_gpus < 0:

@@ -5,6 +5,7 @@
 k8s/qllm_k8s/serve_config.py) and the metric specs in qllm_core/metrics.py and deployments/metrics.py:
 
 - k8s/rayservice.yaml: a KubeRay RayService whose `serveConfigV2` is the k8s variant's application;
+- k8s/networkpolicy.yaml: the NetworkPolicy that admits only the API port from outside the Ray pods;
 - k8s/podmonitors.yaml: the PodMonitors scraping the Ray pods' metrics port;
 - k8s/rules/qllm-rules.yaml and k8s/prometheusrule.yaml: the SLO rules, as a plain Prometheus rules file
   (what `promtool check rules` takes) and as a Prometheus Operator PrometheusRule;

@@ -7,13 +7,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=false
 [ "${1:-}" = "--dev" ] && dev=true
-if $dev && ! command -v promtool >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
-      || echo "install.sh: could not install prometheus; its tests will be skipped" >&2
-  else
-    echo "install.sh: promtool missing and apt-get unavailable (not root?); its tests will be skipped" >&2
+# Without prometheus the monitoring tests fail (under CI=true) or skip (elsewhere): under CI this script fails
+# at once instead, naming what is missing.
+no_prometheus() {
+  if [ "${CI:-}" = true ]; then
+    echo "install.sh: $1; CI=true needs prometheus and promtool" >&2
+    exit 1
   fi
+  echo "install.sh: $1; the promtool tests will be skipped" >&2
+}
+if $dev && ! command -v promtool >/dev/null 2>&1; then
+  as_root=""
+  [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && as_root="sudo -n"; } || true
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$as_root" ]; }; then
+    ($as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq prometheus >/dev/null) \
+      || no_prometheus "could not install prometheus"
+  else
+    no_prometheus "promtool missing and apt-get unavailable (not root, no sudo)"
+  fi
+  command -v promtool >/dev/null 2>&1 || no_prometheus "promtool is still not on PATH"
 fi
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate

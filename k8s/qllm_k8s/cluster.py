@@ -27,3 +27,16 @@ CLIENT_PORT = 10001
 
 MODELS_PVC = "qllm-models"  # declared in k8s/models-pvc.yaml
 MODELS_MOUNT = "/models"
+
+# The API keys: a Secret the operator creates (k8s/README.md, Deploy), mounted on every Ray pod, where the
+# ingress reads it ($QLLM_API_KEY_FILE, deployments/auth.py). Not optional: without it no pod starts, so the
+# API is never served open by mistake.
+API_KEYS_SECRET = "qllm-api-keys"  # noqa: S105 - the Secret's name, not a secret
+API_KEYS_FILE = "keys"  # the Secret's key, the file's name in the mount
+API_KEYS_MOUNT = "/etc/qllm/api-keys"
+API_KEYS_ENV = "QLLM_API_KEY_FILE"
+
+# Namespaces whose pods the NetworkPolicy lets in beyond the API port: the KubeRay operator (it deploys
+# serveConfigV2 through the dashboard port, with the Ray token) and Prometheus (it scrapes the metrics port).
+KUBERAY_NAMESPACE = "kuberay-system"
+PROMETHEUS_NAMESPACE = "prometheus-system"

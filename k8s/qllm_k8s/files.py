@@ -9,6 +9,8 @@ from typing import Any
 
 from qllm_k8s.cluster import IMAGE, K8S_DIR
 from qllm_k8s.dashboard import dashboard_configmap, dashboard_json
+from qllm_k8s.networkpolicy import HEADER as NETWORK_POLICY_HEADER
+from qllm_k8s.networkpolicy import network_policy
 from qllm_k8s.podmonitors import HEADER as PODMONITORS_HEADER
 from qllm_k8s.podmonitors import podmonitors
 from qllm_k8s.rayservice import rayservice
@@ -20,6 +22,7 @@ PODMONITORS_PATH = K8S_DIR / "podmonitors.yaml"
 PROMETHEUS_RULE_PATH = K8S_DIR / "prometheusrule.yaml"
 RULES_PATH = K8S_DIR / "rules" / "qllm-rules.yaml"
 DASHBOARD_CONFIGMAP_PATH = K8S_DIR / "grafana-dashboard-configmap.yaml"
+NETWORK_POLICY_PATH = K8S_DIR / "networkpolicy.yaml"
 
 
 def render(serve_config: Mapping[str, Any], image: str = IMAGE) -> dict[Path, str]:
@@ -28,6 +31,7 @@ def render(serve_config: Mapping[str, Any], image: str = IMAGE) -> dict[Path, st
     return {
         RAYSERVICE_PATH: generated_header("qllm as a KubeRay RayService (ray.io/v1).")
         + dump_yaml(rayservice(serve_config, image)),
+        NETWORK_POLICY_PATH: generated_header(*NETWORK_POLICY_HEADER) + dump_yaml(network_policy()),
         PODMONITORS_PATH: generated_header(*PODMONITORS_HEADER) + dump_documents(podmonitors()),
         RULES_PATH: generated_header("qllm SLO rules as a plain Prometheus rules file (promtool check rules).")
         + dump_yaml({"groups": groups}),

@@ -9,6 +9,10 @@ from typing import Any
 
 from deployments.settings import AppSettings
 from qllm_k8s.cluster import (
+    API_KEYS_ENV,
+    API_KEYS_FILE,
+    API_KEYS_MOUNT,
+    API_KEYS_SECRET,
     APP_LABELS,
     APP_NAME,
     CLIENT_PORT,
@@ -64,6 +68,13 @@ def _container(name: str, image: str, ports: Mapping[str, int], resources: Mappi
     }
 
 
+def _with_api_keys(container: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mount the API keys' Secret in `container` and point the ingress at it; the pod's volumes to add."""
+    container.setdefault("env", []).append({"name": API_KEYS_ENV, "value": f"{API_KEYS_MOUNT}/{API_KEYS_FILE}"})
+    container.setdefault("volumeMounts", []).append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
+    return [{"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET}}]
+
+
 def _head_group(image: str) -> dict[str, Any]:
     container = _container(
         "ray-head",
@@ -82,12 +93,15 @@ def _head_group(image: str) -> dict[str, Any]:
             # No logical CPUs: engine replicas (which need CPUs and a GPU) never land on the head; only
             # Serve's controller, the proxy and the 0-CPU ingress and router actors may.
             "num-cpus": "0",
-            "dashboard-host": "0.0.0.0",  # noqa: S104 - reached through the head Service
+            # The KubeRay operator deploys serveConfigV2 through the dashboard, so it listens on the pod IP;
+            # the Ray token guards it (authOptions) and the NetworkPolicy admits only the operator to it.
+            "dashboard-host": "0.0.0.0",  # noqa: S104
             "metrics-export-port": str(METRICS_PORT),
         },
         "template": {
             "metadata": {"labels": {**APP_LABELS, "app.kubernetes.io/component": "ray-head"}},
-            "spec": {"containers": [container]},
+            # The ingress may run on the head (it needs no CPU), so the head has the keys too.
+            "spec": {"containers": [container], "volumes": _with_api_keys(container)},
         },
     }
 
@@ -123,6 +137,7 @@ def _worker_group(image: str, settings: AppSettings) -> dict[str, Any]:
                 "volumes": [
                     {"name": "models", "persistentVolumeClaim": {"claimName": MODELS_PVC, "readOnly": True}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                    *_with_api_keys(container),
                 ],
                 # GPU node pools are usually tainted so that only GPU pods land there.
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -134,7 +149,10 @@ def _worker_group(image: str, settings: AppSettings) -> dict[str, Any]:
 def rayservice(serve_config: Mapping[str, Any], image: str = IMAGE) -> dict[str, Any]:
     """The RayService for serve_config.yaml (K8S_OVERRIDES applied here)."""
     settings = k8s_settings(serve_config)
-    cluster: dict[str, Any] = {"rayVersion": RAY_VERSION}
+    # Ray token authentication: KubeRay makes a token Secret and sets RAY_AUTH_MODE=token and the token on
+    # every Ray container, so the GCS, the dashboard and job submission refuse callers without it (running
+    # code on the cluster needs the token, not just a route to a pod).
+    cluster: dict[str, Any] = {"rayVersion": RAY_VERSION, "authOptions": {"mode": "token"}}
     if settings.autoscaling:
         # Serve's autoscaler asks for replicas; the in-tree Ray autoscaler adds the GPU workers they need.
         cluster["enableInTreeAutoscaling"] = True

@@ -73,6 +73,10 @@ def _alert(name: str, expr: str, duration: str, severity: str, summary: str, des
 
 
 def _alerting_rules(settings: AppSettings) -> list[dict[str, Any]]:
+    return [*_ls_alerts(settings), *_be_alerts(settings)]
+
+
+def _ls_alerts(settings: AppSettings) -> list[dict[str, Any]]:
     target = settings.slo_target
     ls_slo = settings.ls_ttft_slo_s
     fast = max(0.0, 1.0 - FAST_BURN * (1.0 - target))
@@ -80,12 +84,6 @@ def _alerting_rules(settings: AppSettings) -> list[dict[str, Any]]:
     def ls_ratio(window: str) -> str:
         return record_selector(attainment_record(window), LS_MATCH)
 
-    waiting_be = (
-        f"({aggregate('sum', gauge(engine.WAITING, BE_MATCH))} or vector(0))\n"
-        f"+ ({aggregate('sum', gauge(router.BE_HELD))} or vector(0))"
-    )
-    finished_be = aggregate("sum", over_window("increase", engine.FINISHED, BE_STARVING_WINDOW, BE_MATCH))
-    near_limit = BE_QUEUE_NEAR_LIMIT * settings.max_queued_be
     # A window with no LS request divides 0 by 0: NaN compares false, so idle periods never alert.
     return [
         _alert(
@@ -116,6 +114,17 @@ def _alerting_rules(settings: AppSettings) -> list[dict[str, Any]]:
             f"The priority router's LS TTFT attainment over its recent window (slo_window requests) is "
             f"{{{{ $value | humanizePercentage }}}} where it is lowest, below {num(target * 100)}% (slo_target).",
         ),
+    ]
+
+
+def _be_alerts(settings: AppSettings) -> list[dict[str, Any]]:
+    waiting_be = (
+        f"({aggregate('sum', gauge(engine.WAITING, BE_MATCH))} or vector(0))\n"
+        f"+ ({aggregate('sum', gauge(router.BE_HELD))} or vector(0))"
+    )
+    finished_be = aggregate("sum", over_window("increase", engine.FINISHED, BE_STARVING_WINDOW, BE_MATCH))
+    near_limit = BE_QUEUE_NEAR_LIMIT * settings.max_queued_be
+    return [
         _alert(
             "QllmBestEffortStarving",
             f"(\n{waiting_be}\n) > 0\nand on ()\n({finished_be} or vector(0)) < 1\n",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -10,8 +11,10 @@ import httpx
 import pytest
 import ray
 from ray import serve
+from ray.serve.schema import ReplicaState
 
 from deployments.app import build_app
+from deployments.faults import FAULT_INJECTION_ENV
 
 APP_ARGS = {
     "model_name": "qllm-tiny",
@@ -22,6 +25,10 @@ APP_ARGS = {
     "be_hold_max_s": 3.0,
     "engine": {"model": "tiny", "device": "cpu", "kv_cache_tokens": 16384, "policy": "qllm", "granularity": "layer"},
 }
+
+STALL_BOUND_S = 10.0
+"""`engine_stall_timeout_s` of the fault-injection app: far above a tiny model's longest step on a loaded CPU,
+short enough for a staged stall to be replaced within a test."""
 
 
 def _free_port() -> int:
@@ -51,7 +58,7 @@ def wait_healthy(base: str, replicas: int, timeout: float = 120.0, app: str = "q
         running = 0
         if status is not None:
             engine = status.deployments.get("EngineReplica")
-            running = 0 if engine is None else engine.replica_states.get("RUNNING", 0)
+            running = 0 if engine is None else engine.replica_states.get(ReplicaState.RUNNING, 0)
         if ok and running == replicas:
             return
         time.sleep(0.5)
@@ -84,3 +91,19 @@ def serve_app(ray_metrics_port: int) -> Iterator[str]:
     yield base
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def faulty_app(serve_app: str) -> Iterator[str]:
+    """A second application on the session's cluster ("faulty", two replicas), built with the engine
+    replicas' fault hooks on (deployments/faults.py); its base URL."""
+    os.environ[FAULT_INJECTION_ENV] = "1"
+    try:
+        app = build_app({**APP_ARGS, "replicas": 2, "engine_stall_timeout_s": STALL_BOUND_S})
+    finally:
+        del os.environ[FAULT_INJECTION_ENV]
+    serve.run(app, name="faulty", route_prefix="/faulty", blocking=False)
+    base = f"{serve_app}/faulty"
+    wait_healthy(base, replicas=2, app="faulty")
+    yield base
+    serve.delete("faulty")

@@ -7,12 +7,22 @@ import time
 from pathlib import Path
 
 # Ray's default temporary directory; `session_latest` points at the running session.
-SERVE_LOGS = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs" / "serve"  # noqa: S108
+SESSION_LOGS = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs"  # noqa: S108
+SERVE_LOGS = SESSION_LOGS / "serve"
 
 
 def serve_log_text() -> str:
     """Everything Ray Serve's replicas, proxies and controller have logged in this session."""
     return "\n".join(p.read_text(errors="replace") for p in sorted(SERVE_LOGS.glob("*.log")))
+
+
+def every_log_text() -> str:
+    """Everything the session's processes wrote: Serve's log files, and every worker's, raylet's and
+    daemon's stdout, stderr and log files (a `print` or an uncaught traceback in a replica lands in its
+    worker's .out/.err, not in Serve's files). What must never be logged is looked for here."""
+    paths = sorted({*SERVE_LOGS.glob("*.log"), *SESSION_LOGS.glob("*.out"), *SESSION_LOGS.glob("*.err")})
+    paths += sorted(SESSION_LOGS.glob("*.log"))
+    return "\n".join(p.read_text(errors="replace") for p in paths if p.is_file())
 
 
 def serve_log_lines(app: str, needle: str, timeout: float = 15.0) -> list[str]:

@@ -11,7 +11,7 @@ from ray import serve
 
 from deployments.app import build_app
 from tests.deployments.conftest import APP_ARGS, wait_healthy
-from tests.deployments.logs import serve_log_lines, serve_log_text
+from tests.deployments.logs import every_log_text, serve_log_lines
 
 pytestmark = pytest.mark.integration
 
@@ -64,4 +64,4 @@ def test_right_key_works_is_not_logged_and_health_needs_none(locked_app: str) ->
     assert r.status_code == 200, r.text
     # The key is never logged, though the request is.
     assert serve_log_lines("locked", r.json()["id"]), "the request was not logged"
-    assert KEY not in serve_log_text()
+    assert KEY not in every_log_text()

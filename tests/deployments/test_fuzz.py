@@ -142,6 +142,9 @@ def test_generated_bodies_never_get_a_5xx_or_hang(serve_app: str, data: st.DataO
         assert error["message"] and error["type"], text
     elif r.headers["content-type"].startswith("text/event-stream"):
         assert text.rstrip().endswith("data: [DONE]"), text
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+        # A 200 stream that carries an error event failed as surely as a 5xx (the replica failed mid-way).
+        assert not [e for e in events if "error" in json.loads(e)], text
     else:
         assert json.loads(text)["choices"], text
 

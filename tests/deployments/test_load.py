@@ -11,6 +11,7 @@ import pytest
 from deployments.load import (
     BE,
     LS,
+    PlacementLog,
     RoutingRules,
     Unreported,
     attainment,
@@ -130,3 +131,10 @@ def test_a_load_survives_ray_serves_routing_stats_and_an_empty_one_reads_as_none
     travelled = pickle.loads(pickle.dumps(original.as_routing_stats()))  # noqa: S301 - our own bytes
     assert ReplicaLoad.from_routing_stats(travelled) == original
     assert ReplicaLoad.from_routing_stats({}) is None
+
+
+def test_a_placement_log_counts_the_sequences_a_call_fans_out_to() -> None:
+    log = PlacementLog()
+    log.add("a", LS, NOW, sequences=1)
+    log.add("a", BE, NOW, sequences=128)
+    assert log.unreported(load("a")) == Unreported(ls=1, be=128)

@@ -103,7 +103,22 @@ def test_other_failures_are_not_retried() -> None:
     with pytest.raises(ApiError) as caught:  # a stream that ends without output is a bug, not a dead replica
         asyncio.run(first_item(3, start))
     assert caught.value.status == 500 and len(placed) == 1
-    placed, start = _starts(_Stream([], fail=ValueError("boom")), _Stream([_item("never")]))
-    with pytest.raises(ValueError, match="boom"):
+
+
+def _task_error(cause: Exception) -> ray.exceptions.RayTaskError:
+    """What Ray raises in the caller when the called method raised `cause`: a RayTaskError that is also an
+    instance of the cause's class (`as_instanceof_cause`), which is a RayError like a dead replica's."""
+    return ray.exceptions.RayTaskError("EngineReplica.generate", "Traceback: ...", cause).as_instanceof_cause()
+
+
+def test_an_exception_raised_by_the_call_on_a_live_replica_is_a_500_and_not_placed_again() -> None:
+    raised = _task_error(TypeError("TextEncodeInput must be Union[...]"))
+    assert isinstance(raised, ray.exceptions.RayError)  # what the old ingress took for a dead replica
+    placed, start = _starts(_Stream([], fail=raised), _Stream([_item("never")]))
+    with pytest.raises(ApiError) as caught:
         asyncio.run(first_item(3, start))
-    assert len(placed) == 1
+    assert (caught.value.status, caught.value.code) == (500, "internal_error") and len(placed) == 1
+    assert "TypeError" in caught.value.message
+    with pytest.raises(ApiError) as mid:
+        asyncio.run(next_item(_Stream([], fail=_task_error(ValueError("bad")))))
+    assert (mid.value.status, mid.value.code) == (500, "internal_error")

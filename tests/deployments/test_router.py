@@ -130,3 +130,19 @@ def test_ls_is_never_held_and_goes_where_it_is_predicted_fastest() -> None:
 
     answer = asyncio.run(scenario())
     assert answer == Placed(("fast", "slow"), 0.0)
+
+
+def test_a_held_call_counts_its_sequences_in_the_be_queue() -> None:
+    r = router(be_hold_max_s=30.0, max_queued_be=10)
+
+    async def scenario() -> Placed | Rejected:
+        await r.report(report("a", be_running=FULL))  # no room: the next BE call is held
+        held = asyncio.create_task(r.admit(BE, 10))
+        await asyncio.sleep(0.01)
+        assert (await r.stats()).be_held == 1
+        try:  # ten sequences wait already: the queue is full, so this is refused at once (never held)
+            return await asyncio.wait_for(r.admit(BE, 1), timeout=5)
+        finally:
+            held.cancel()
+
+    assert isinstance(asyncio.run(scenario()), Rejected)

@@ -52,12 +52,23 @@ def test_ls_is_served_ahead_of_be_under_load(serve_app: str) -> None:
 
 
 def test_router_tracks_placements_and_slo_attainment(serve_app: str) -> None:
+    # Self-contained: it sends its own traffic, so it passes alone or after any other test.
     router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
-    stats = router.stats.remote().result(timeout_s=30)
+    before = router.stats.remote().result(timeout_s=30)
+    for priority in ("be", "ls", "be", "ls"):
+        body = {"prompt": "placed", "max_tokens": 2, "priority": priority}
+        assert httpx.post(f"{serve_app}/v1/completions", json=body, timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    while True:  # the LS TTFTs reach the router with the replicas' next reports
+        stats = router.stats.remote().result(timeout_s=30)
+        attainments = [o.ls_attainment for o in stats.replicas.values()]
+        if any(a is not None for a in attainments) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert isinstance(stats, RouterStats)
     # LS is placed by the ingress's request router, with no round trip to this router; BE goes through it.
-    assert stats.placed_ls == 0 and stats.placed_be > 0
+    assert stats.placed_ls == before.placed_ls == 0
+    assert stats.placed_be - before.placed_be == 2
     assert len(stats.replicas) == 2
-    attainments = [o.ls_attainment for o in stats.replicas.values()]
-    assert any(a is not None for a in attainments)  # the LS requests above were seen in the replicas' reports
+    assert any(a is not None for a in attainments), "the LS requests were not seen in the replicas' reports"
     assert all(a is None or 0 <= a <= 1 for a in attainments)

@@ -102,33 +102,35 @@ def _list_type(validator: Any, list_type: str, instance: Any, schema: Mapping[st
     if not validator.is_type(instance, "array"):
         return
     if list_type == "set":
-        seen: list[Any] = []
-        for item in instance:
-            if item in seen:
-                yield jsonschema.ValidationError(f"duplicate item {item!r} in a list of type set")
-            seen.append(item)
+        yield from _set_duplicates(instance)
     elif list_type == "map":
-        keys = schema.get("x-kubernetes-list-map-keys", [])
-        item_props = (schema.get("items") or {}).get("properties", {})
-        seen_keys: set[tuple[Any, ...]] = set()
-        for item in instance:
-            if not isinstance(item, Mapping):
-                continue
-            # A key the item omits takes its schema default (a container port's protocol is TCP).
-            values = []
-            for key in keys:
-                if key in item:
-                    values.append(item[key])
-                elif "default" in item_props.get(key, {}):
-                    values.append(item_props[key]["default"])
-                else:
-                    yield jsonschema.ValidationError(f"list-map key {key!r} missing in {item!r}")
-                    break
-            else:
-                found = tuple(values)
-                if found in seen_keys:
-                    yield jsonschema.ValidationError(f"duplicate entries for list-map keys {keys}: {found!r}")
-                seen_keys.add(found)
+        yield from _map_duplicates(instance, schema)
+
+
+def _set_duplicates(instance: list[Any]) -> Iterator[Any]:
+    seen: list[Any] = []
+    for item in instance:
+        if item in seen:
+            yield jsonschema.ValidationError(f"duplicate item {item!r} in a list of type set")
+        seen.append(item)
+
+
+def _map_duplicates(instance: list[Any], schema: Mapping[str, Any]) -> Iterator[Any]:
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    item_props = (schema.get("items") or {}).get("properties", {})
+    seen_keys: set[tuple[Any, ...]] = set()
+    for item in instance:
+        if not isinstance(item, Mapping):
+            continue
+        # A key the item omits takes its schema default (a container port's protocol is TCP).
+        missing = [key for key in keys if key not in item and "default" not in item_props.get(key, {})]
+        if missing:
+            yield jsonschema.ValidationError(f"list-map key {missing[0]!r} missing in {item!r}")
+            continue
+        found = tuple(item[key] if key in item else item_props[key]["default"] for key in keys)
+        if found in seen_keys:
+            yield jsonschema.ValidationError(f"duplicate entries for list-map keys {keys}: {found!r}")
+        seen_keys.add(found)
 
 
 _FORMATS = jsonschema.FormatChecker(formats=())
