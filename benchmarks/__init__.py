@@ -16,6 +16,15 @@ Modules, one job each:
 - `report` and `plots`: JSON, Markdown and PNG outputs.
 - `progress`: the progress bar.
 - `cli`: the `qllm-bench` console script.
+
+Shared by `qllm-bench` and the side benchmarks (`engine_bench`, `host_overhead`, `decode_profile`, `router_bench`,
+`soak`, `make_checkpoint`):
+
+- `machine`: the machine description every results file carries.
+- `json_form`: dataclasses to JSON and back by field name, and the one writer of results files.
+- `checks`: the number checks of every setting (finite, integer, positive).
+- `script_args`: the side benchmarks' shared options (`--model`, `--device`, `--dtype`, `--out`) and where
+  results go.
 """
 
 from benchmarks.metrics import ClassMetrics, Distribution, RequestRecord, RunMetrics, percentile, summarize

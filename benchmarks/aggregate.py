@@ -11,11 +11,12 @@ LS goodput: the highest rate such that at it and at every lower rate, LS SLO att
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from benchmarks.metrics import Breakdown, Distribution, RunMetrics
+from benchmarks.metrics import Breakdown, Distribution, RequestRecord, RunMetrics
 from benchmarks.results import RunResult
+from benchmarks.workload import Priority
 
 GOODPUT_ATTAINMENT = 0.99
 
@@ -39,6 +40,34 @@ class Spread:
         if not present:
             return None
         return cls(statistics.median(present), min(present), max(present), len(present), len(values) - len(present))
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """What users felt at one target and rate, every seed's requests pooled (three seeds of 100 LS requests
+    give a p99 from 300 samples, where one seed's p99 rests on its single slowest request)."""
+
+    ls_slowdown: Distribution | None
+    ls_tpot: Distribution | None
+    ls_inter_token: Distribution | None
+    ls_turnaround: Distribution | None
+    be_turnaround: Distribution | None
+
+    @classmethod
+    def of(cls, runs: Sequence[RunResult]) -> Pooled:
+        """The pooled distributions of these runs (one per seed)."""
+
+        def pool(priority: Priority, values: Callable[[RequestRecord], Iterable[float | None]]) -> Distribution | None:
+            records = (r for run in runs for r in run.requests if r.priority == priority)
+            return Distribution.of([v for r in records for v in values(r) if v is not None])
+
+        return cls(
+            ls_slowdown=pool("ls", lambda r: (r.slowdown,)),
+            ls_tpot=pool("ls", lambda r: (r.tpot_s,)),
+            ls_inter_token=pool("ls", lambda r: r.inter_token_gaps_s),
+            ls_turnaround=pool("ls", lambda r: (r.turnaround_s,)),
+            be_turnaround=pool("be", lambda r: (r.turnaround_s,)),
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +103,14 @@ class Point:
     """Median over the grid of isolated TTFT after / before the run, per seed."""
     ls_breakdown: Breakdown | None
     """The LS timelines of every seed, pooled."""
+    pooled: Pooled
+    ls_goodput_rps: Spread | None
+    """LS requests per second meeting the TTFT and TPOT SLOs together, per seed."""
+    goodput_rps: Spread | None
+    passes: Spread | None
+    """Forward passes of the run, per seed (in-process and child targets)."""
+    preemptions: Spread | None
+    merges: Spread | None
 
 
 def _spread(runs: Sequence[RunResult], metric: Callable[[RunResult], float | None]) -> Spread | None:
@@ -130,6 +167,12 @@ def point_of(runs: Sequence[RunResult]) -> Point:
         send_lag_p99_s=_spread(runs, _metrics(lambda m: _p(m.send_lag, 99))),
         drift_median=_spread(runs, lambda r: None if r.calibration is None else r.calibration.drift.median),
         ls_breakdown=Breakdown.of(timelines),
+        pooled=Pooled.of(runs),
+        ls_goodput_rps=_spread(runs, _metrics(lambda m: m.ls.goodput_rps)),
+        goodput_rps=_spread(runs, _metrics(lambda m: m.goodput_rps)),
+        passes=_spread(runs, _metrics(lambda m: None if m.engine is None else m.engine.passes)),
+        preemptions=_spread(runs, _metrics(lambda m: None if m.engine is None else m.engine.preemptions)),
+        merges=_spread(runs, _metrics(lambda m: None if m.engine is None else m.engine.merges)),
     )
 
 

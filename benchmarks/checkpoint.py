@@ -16,29 +16,52 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from benchmarks.calibration import Calibration, Drift, IsolatedTtft
+from benchmarks.calibration import Calibration
 from benchmarks.capacity import CapacityProbe
-from benchmarks.metrics import RequestRecord
-from benchmarks.results import record_dict
-from benchmarks.sweep_settings import SweepSettings, SweepSettingsError, jsonable
-from qllm_core.timeline import Timeline
+from benchmarks.json_form import JsonFormError, from_dict, jsonable
+from benchmarks.metrics import EngineCounts, RequestRecord
+from benchmarks.sweep_settings import SweepSettings, SweepSettingsError
 
 CHECKPOINT_NAME = "checkpoint.jsonl"
-_UNCHECKED_SETTINGS = ("progress", "seeds")
-"""Settings that may differ between the sittings of one sweep (they do not shape any one run's results)."""
+_UNCHECKED_SETTINGS = ("progress", "seeds", "tpot_slo_s", "tpot_slo_factor")
+"""Settings that may differ between the sittings of one sweep (they do not shape any one run's records)."""
 
 RunKey = tuple[str, int, float]
 """(target label, seed, rate) of one run."""
 
 
 @dataclass(frozen=True)
-class DoneRun:
-    """A run read back from the checkpoint."""
+class _Header:
+    """The first line: the settings the runs were made with and the sweep-wide measurements."""
 
-    records: list[RequestRecord]
+    settings: dict[str, Any]
+    decode_iteration_s: float
+    capacity: CapacityProbe | None
+    kind: Literal["header"] = "header"
+
+
+@dataclass(frozen=True)
+class DoneRun:
+    """One finished run, as a line of the checkpoint."""
+
+    label: str
+    seed: int
+    rate: float
+    requests: tuple[RequestRecord, ...]
     calibration: Calibration | None
+    engine: EngineCounts | None = None
+    """None in lines written before engine counts were kept, or from an HTTP target."""
+    kind: Literal["run"] = "run"
+
+    @property
+    def key(self) -> RunKey:
+        """Which run this is."""
+        return self.label, self.seed, self.rate
+
+
+_LINES: dict[str, type[_Header] | type[DoneRun]] = {"header": _Header, "run": DoneRun}
 
 
 @dataclass
@@ -58,47 +81,12 @@ def _settings_dict(settings: SweepSettings) -> dict[str, Any]:
     return values
 
 
-def _record(row: dict[str, Any]) -> RequestRecord:
-    t = row["timeline"]
-    timeline = None
-    if t is not None:
-        timeline = Timeline(
-            t["ttft_s"],
-            t["queued_s"],
-            t["prefill_passes"],
-            t["own_pass_s"],
-            t["foreign_pass_s"],
-            t["shared_tokens"],
-            t["shared_requests"],
-        )
-    return RequestRecord(
-        index=row["index"],
-        priority=row["priority"],
-        scheduled_s=row["scheduled_s"],
-        sent_s=row["sent_s"],
-        first_token_s=row["first_token_s"],
-        finished_s=row["finished_s"],
-        output_tokens=row["output_tokens"],
-        prompt_tokens=row["prompt_tokens"],
-        error=row["error"],
-        timeline=timeline,
-        isolated_ttft_s=row["isolated_ttft_s"],
-    )
-
-
-def _isolated(row: dict[str, Any]) -> IsolatedTtft:
-    return IsolatedTtft(tuple(row["prompt_lens"]), tuple(row["ttft_s"]), row["trials"])
-
-
-def _calibration(row: dict[str, Any] | None) -> Calibration | None:
-    if row is None:
-        return None
-    before, after = _isolated(row["before"]), _isolated(row["after"])
-    return Calibration(before, after, Drift.between(before, after))
-
-
-def _capacity(row: dict[str, Any] | None) -> CapacityProbe | None:
-    return None if row is None else CapacityProbe(**row)
+def _line(row: Any) -> _Header | DoneRun:
+    """One checkpoint line from its JSON value, by its `kind`."""
+    kind = _LINES.get(str(row.get("kind"))) if isinstance(row, dict) else None
+    if kind is None:
+        raise JsonFormError("a checkpoint line is an object whose kind is 'header' or 'run'")
+    return from_dict(kind, row)
 
 
 class Checkpoint:
@@ -118,56 +106,38 @@ class Checkpoint:
         if not self.exists():
             return resumed
         lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for n, line in enumerate(lines, 1):
+        for n, text in enumerate(lines, 1):
             try:
-                row = json.loads(line)
+                line = _line(json.loads(text))
             except json.JSONDecodeError:
                 if n == len(lines):
                     # A line cut off when the last sitting was stopped: dropped, and that run made again.
                     self.path.write_text("".join(f"{kept}\n" for kept in lines[:-1]), encoding="utf-8")
                     break
                 raise SweepSettingsError(f"{self.path}:{n} is not valid JSON; the checkpoint is damaged") from None
-            if row["kind"] == "header":
-                if row["settings"] != _settings_dict(self._settings):
-                    raise SweepSettingsError(
-                        f"{self.path} was written by a sweep with other settings; resume with the same command "
-                        "line, or give another --out"
-                    )
-                resumed.decode_iteration_s = row["decode_iteration_s"]
-                resumed.capacity = _capacity(row["capacity"])
-            else:
-                key = (row["label"], row["seed"], row["rate"])
-                resumed.runs[key] = DoneRun([_record(r) for r in row["requests"]], _calibration(row["calibration"]))
+            except JsonFormError as exc:
+                raise SweepSettingsError(f"{self.path}:{n}: {exc}; the checkpoint is damaged") from None
+            if isinstance(line, DoneRun):
+                resumed.runs[line.key] = line
+                continue
+            if line.settings != _settings_dict(self._settings):
+                raise SweepSettingsError(
+                    f"{self.path} was written by a sweep with other settings; resume with the same command "
+                    "line, or give another --out"
+                )
+            resumed.decode_iteration_s, resumed.capacity = line.decode_iteration_s, line.capacity
         return resumed
 
-    def _append(self, row: dict[str, Any]) -> None:
+    def _append(self, line: _Header | DoneRun) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.write(json.dumps(jsonable(line), allow_nan=False) + "\n")
             f.flush()
 
     def write_header(self, decode_iteration_s: float, capacity: CapacityProbe | None) -> None:
         """Record the sweep-wide measurements, once, before the first run is written."""
-        settings = _settings_dict(self._settings)
-        self._append(
-            {
-                "kind": "header",
-                "settings": settings,
-                "decode_iteration_s": decode_iteration_s,
-                "capacity": jsonable(capacity),
-            }
-        )
+        self._append(_Header(_settings_dict(self._settings), decode_iteration_s, capacity))
 
-    def write_run(self, key: RunKey, records: list[RequestRecord], calibration: Calibration | None) -> None:
+    def write_run(self, run: DoneRun) -> None:
         """Record one finished run."""
-        label, seed, rate = key
-        self._append(
-            {
-                "kind": "run",
-                "label": label,
-                "seed": seed,
-                "rate": rate,
-                "requests": [record_dict(r) for r in records],
-                "calibration": jsonable(calibration),
-            }
-        )
+        self._append(run)

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from benchmarks.engine_runner import policy_label, stream_engine
+from benchmarks.engine_runner import policy_label, stream_engine, stream_event
+from benchmarks.metrics import EngineCounts
 from benchmarks.runners import BenchmarkError, Runner, StreamEvent
 from benchmarks.workload import RequestSpec
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-    from qllm_core import EngineConfig
+    from qllm_core import Engine, EngineConfig
 
 _STOP_TIMEOUT_S = 30.0
 
@@ -38,6 +39,11 @@ class _Generate:
 
 @dataclass(frozen=True)
 class _Abort:
+    rid: int
+
+
+@dataclass(frozen=True)
+class _CountsQuery:
     rid: int
 
 
@@ -64,7 +70,14 @@ class _Failed:
     error: str
 
 
-_FromChild = _Ready | _Update | _Failed
+@dataclass(frozen=True)
+class _Counts:
+    rid: int
+    counts: EngineCounts
+
+
+_Reply = _Update | _Failed | _Counts
+_FromChild = _Ready | _Reply
 
 
 class ChildRunner(Runner):
@@ -75,7 +88,7 @@ class ChildRunner(Runner):
         self.label = label if label is not None else policy_label(config)
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._queues: dict[int, asyncio.Queue[_Update | _Failed | BaseException]] = {}
+        self._queues: dict[int, asyncio.Queue[_Reply | BaseException]] = {}
         self._ids = itertools.count()
 
     async def start(self) -> None:
@@ -103,7 +116,7 @@ class ChildRunner(Runner):
         try:
             while conn.poll():
                 msg: _FromChild = conn.recv()
-                if isinstance(msg, _Update | _Failed) and (queue := self._queues.get(msg.rid)) is not None:
+                if isinstance(msg, _Reply) and (queue := self._queues.get(msg.rid)) is not None:
                     queue.put_nowait(msg)
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
@@ -126,23 +139,33 @@ class ChildRunner(Runner):
         if conn is not None:
             conn.close()
 
-    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
-        """Stream one request through the child's engine."""
-        conn = self._conn
-        if conn is None:
+    def _open(self) -> tuple[Connection, int, asyncio.Queue[_Reply | BaseException]]:
+        """A new request id on the running child, and the queue its replies come on."""
+        if self._conn is None:
             raise BenchmarkError("the runner is not started; use `async with runner:`")
         rid = next(self._ids)
-        queue: asyncio.Queue[_Update | _Failed | BaseException] = asyncio.Queue()
+        queue: asyncio.Queue[_Reply | BaseException] = asyncio.Queue()
         self._queues[rid] = queue
+        return self._conn, rid, queue
+
+    @staticmethod
+    async def _reply(queue: asyncio.Queue[_Reply | BaseException]) -> _Update | _Counts:
+        msg = await queue.get()
+        if isinstance(msg, BaseException):
+            raise msg
+        if isinstance(msg, _Failed):
+            raise BenchmarkError(msg.error)
+        return msg
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
+        """Stream one request through the child's engine."""
+        conn, rid, queue = self._open()
         finished = False
         try:
             conn.send(_Generate(rid, spec))
             while not finished:
-                msg = await queue.get()
-                if isinstance(msg, BaseException):
-                    raise msg
-                if isinstance(msg, _Failed):
-                    raise BenchmarkError(msg.error)
+                msg = await self._reply(queue)
+                assert isinstance(msg, _Update)
                 finished = msg.finished
                 yield msg.event
         finally:
@@ -150,6 +173,17 @@ class ChildRunner(Runner):
             if not finished and self._conn is not None:
                 with contextlib.suppress(OSError, BrokenPipeError):
                     self._conn.send(_Abort(rid))
+
+    async def engine_counts(self) -> EngineCounts:
+        """The child engine's totals of passes, preemptions and merges now."""
+        conn, rid, queue = self._open()
+        try:
+            conn.send(_CountsQuery(rid))
+            msg = await self._reply(queue)
+        finally:
+            del self._queues[rid]
+        assert isinstance(msg, _Counts)
+        return msg.counts
 
 
 def serve_engine(config: EngineConfig, conn: Connection) -> None:
@@ -166,42 +200,55 @@ async def _serve(config: EngineConfig, conn: Connection) -> None:
         conn.send(_Ready(f"{type(exc).__name__}: {exc}"))
         return
     conn.send(_Ready(None))
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    tasks: dict[int, asyncio.Task[None]] = {}
+    await _ChildLoop(engine, conn).serve()
 
-    async def one(rid: int, spec: RequestSpec) -> None:
+
+class _ChildLoop:
+    """The child's side of the pipe: one task per request, answers to count queries, until told to stop."""
+
+    def __init__(self, engine: Engine, conn: Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.stop = asyncio.Event()
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.conn.fileno(), self._receive)
         try:
-            async for out in stream_engine(engine, spec):
-                event = StreamEvent(out.num_output_tokens, out.prompt_token_count, out.timeline)
-                conn.send(_Update(rid, event, out.finished))
+            await self.stop.wait()
+        finally:
+            loop.remove_reader(self.conn.fileno())
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            self.engine.shutdown()
+            self.conn.close()
+
+    async def _one(self, rid: int, spec: RequestSpec) -> None:
+        try:
+            async for out in stream_engine(self.engine, spec):
+                self.conn.send(_Update(rid, stream_event(out), out.finished))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one request's failure is data for the parent
-            conn.send(_Failed(rid, f"{type(exc).__name__}: {exc}"))
+            self.conn.send(_Failed(rid, f"{type(exc).__name__}: {exc}"))
         finally:
-            tasks.pop(rid, None)
+            self.tasks.pop(rid, None)
 
-    def receive() -> None:
+    def _receive(self) -> None:
         try:
-            while conn.poll():
-                msg = conn.recv()
-                if isinstance(msg, _Generate):
-                    tasks[msg.rid] = loop.create_task(one(msg.rid, msg.spec))
-                elif isinstance(msg, _Abort) and (task := tasks.get(msg.rid)) is not None:
-                    task.cancel()  # closing the output stream aborts the request in the engine
-                elif isinstance(msg, _Stop):
-                    stop.set()
+            while self.conn.poll():
+                self._handle(self.conn.recv())
         except (EOFError, OSError):  # the parent went away
-            stop.set()
+            self.stop.set()
 
-    loop.add_reader(conn.fileno(), receive)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_reader(conn.fileno())
-        for task in list(tasks.values()):
-            task.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-        engine.shutdown()
-        conn.close()
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, _Generate):
+            self.tasks[msg.rid] = asyncio.get_running_loop().create_task(self._one(msg.rid, msg.spec))
+        elif isinstance(msg, _Abort) and (task := self.tasks.get(msg.rid)) is not None:
+            task.cancel()  # closing the output stream aborts the request in the engine
+        elif isinstance(msg, _CountsQuery):
+            self.conn.send(_Counts(msg.rid, EngineCounts.of(self.engine.stats())))
+        elif isinstance(msg, _Stop):
+            self.stop.set()

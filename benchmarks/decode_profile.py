@@ -10,7 +10,6 @@ Run: `python -m benchmarks.decode_profile --model DIR --device cuda --dtype bflo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.engine_bench import prompt, synchronize, transformers_twin
+from benchmarks.script_args import add_engine_arguments, count, script_parser
 from qllm_core import EngineConfig, Granularity, SamplingParams
 from qllm_core.engine_core import EngineCore
 
@@ -35,12 +35,10 @@ def _profiled(run: Callable[[], object], device: torch.device, steps: int) -> st
 
 def main() -> None:
     """Profile both decode steps and print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench", help="a built-in preset or a local checkpoint directory")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser = script_parser(__doc__)
+    add_engine_arguments(parser)
+    parser.add_argument("--batch", type=count, default=8)
+    parser.add_argument("--steps", type=count, default=5)
     args = parser.parse_args()
     base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
     core = EngineCore(dataclasses.replace(base, granularity=Granularity.ITERATION, policy="fcfs", kv_cache_tokens=8192))

@@ -6,21 +6,19 @@ minutes on 2 CPU cores). Every ratio is measured in this one run, on this machin
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
+from benchmarks.json_form import write_result
+from benchmarks.script_args import add_engine_arguments, add_out_argument, count, script_parser
 from qllm_core import Engine, EngineConfig, Granularity, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.models.registry import LoadedModel, load_model
@@ -249,47 +247,7 @@ def ls_ttft_under_be_prefill(
     return summary | {"trials": per_trial}
 
 
-def main() -> None:
-    """Run every measurement and write one JSON file."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="bench", help="a built-in preset or a local checkpoint directory")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_bench.json"))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--trials", type=int, default=5, help="LS TTFT trials per policy; median kept")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per comparison; median kept")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    results: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "expert_spans_per_layer": EngineConfig.expert_spans_per_layer,
-        "rounds": args.rounds,
-        "trials": args.trials,
-    }
-    # Loaded once and shared by every engine of the run.
-    base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
-    loaded = load_model(base)
-    decode: dict[str, Any] = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
-    decode |= decode_comparison(base, loaded, args.batch, 64, 64, rounds=args.rounds)
-    results["decode_throughput"] = decode
-    for name in ("transformers_default_experts", "transformers_eager_experts"):
-        print(name, json.dumps({k: v for k, v in decode[name].items() if k != "rounds_step_s"}), flush=True)
-
-    overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
-    overhead |= granularity_overhead(base, loaded, 16, 256, 16, rounds=args.rounds)
-    results["be_only_granularity_overhead"] = overhead
-    print(json.dumps({k: v for k, v in overhead.items() if k != "rounds_s"}, indent=1), flush=True)
-
+def _ls_ttfts(base: EngineConfig, loaded: LoadedModel, trials: int) -> dict[str, Any]:
     ttft: dict[str, Any] = {"be_prompt_tokens": BE_BURST_PROMPT, "ls_prompt_tokens": len(LS_PROMPT)}
     for policy, granularity in (
         ("fcfs", "iteration"),
@@ -297,13 +255,45 @@ def main() -> None:
         ("qllm", "layer"),
         ("qllm", "expert"),
     ):
-        r = ls_ttft_under_be_prefill(base, loaded, policy, granularity, args.trials)
+        r = ls_ttft_under_be_prefill(base, loaded, policy, granularity, trials)
         ttft[f"{policy}:{granularity}"] = r
-        print(policy, granularity, json.dumps({k: v for k, v in r.items() if k != "trials"}), flush=True)
-    results["ls_ttft_during_be_prefill"] = ttft
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        print(policy, granularity, _shown(r, "trials"), flush=True)
+    return ttft
+
+
+def _shown(part: Mapping[str, Any], rounds_key: str) -> str:
+    """A part of the results as printed along the way: everything but its per-round figures."""
+    return json.dumps({k: v for k, v in part.items() if k != rounds_key})
+
+
+def main() -> None:
+    """Run every measurement and write one JSON file."""
+    parser = script_parser(__doc__)
+    add_engine_arguments(parser)
+    add_out_argument(parser, "engine_bench.json")
+    parser.add_argument("--batch", type=count, default=8)
+    parser.add_argument("--trials", type=count, default=5, help="LS TTFT trials per policy; median kept")
+    parser.add_argument("--rounds", type=count, default=5, help="alternating rounds per comparison; median kept")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    # Loaded once and shared by every engine of the run.
+    base = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(base)
+    decode: dict[str, Any] = {"batch": args.batch, "prompt_len": 64, "new_tokens": 64}
+    decode |= decode_comparison(base, loaded, args.batch, 64, 64, rounds=args.rounds)
+    for name in ("transformers_default_experts", "transformers_eager_experts"):
+        print(name, _shown(decode[name], "rounds_step_s"), flush=True)
+    overhead: dict[str, Any] = {"requests": 16, "prompt_len": 256, "new_tokens": 16}
+    overhead |= granularity_overhead(base, loaded, 16, 256, 16, rounds=args.rounds)
+    print(_shown(overhead, "rounds_s"), flush=True)
+    settings = {k: getattr(args, k) for k in ("model", "device", "dtype", "rounds", "trials")}
+    results = settings | {
+        "expert_spans_per_layer": EngineConfig.expert_spans_per_layer,
+        "decode_throughput": decode,
+        "be_only_granularity_overhead": overhead,
+        "ls_ttft_during_be_prefill": _ls_ttfts(base, loaded, args.trials),
+    }
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

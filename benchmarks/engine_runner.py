@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from benchmarks.metrics import EngineCounts
 from benchmarks.runners import BenchmarkError, Runner, StreamEvent
 from benchmarks.workload import RequestSpec
 
@@ -32,6 +33,11 @@ def stream_engine(engine: Engine, spec: RequestSpec) -> AsyncIterator[RequestOut
     return engine.generate(prompt=spec.prompt_text, params=params, priority=spec.priority)
 
 
+def stream_event(out: RequestOutput) -> StreamEvent:
+    """What a runner reports of one engine output."""
+    return StreamEvent(out.num_output_tokens, out.prompt_token_count, out.timeline)
+
+
 class EngineRunner(Runner):
     """Runs a `qllm_core.Engine` in this process; the engine is built on `start` and shut down on `close`."""
 
@@ -53,9 +59,16 @@ class EngineRunner(Runner):
             self._engine.shutdown()
             self._engine = None
 
-    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
-        """Stream one request through the engine."""
+    def _started(self) -> Engine:
         if self._engine is None:
             raise BenchmarkError("the runner is not started; use `async with runner:`")
-        async for out in stream_engine(self._engine, spec):
-            yield StreamEvent(out.num_output_tokens, out.prompt_token_count, out.timeline)
+        return self._engine
+
+    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
+        """Stream one request through the engine."""
+        async for out in stream_engine(self._started(), spec):
+            yield stream_event(out)
+
+    async def engine_counts(self) -> EngineCounts:
+        """The engine's totals of passes, preemptions and merges now."""
+        return EngineCounts.of(self._started().stats())

@@ -11,11 +11,10 @@ Run: `python -m benchmarks.host_overhead --out benchmarks/results/host_overhead.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.engine_bench import decode_comparison, prompt, transformers_twin
+from benchmarks.json_form import write_result
+from benchmarks.script_args import add_out_argument, count, script_parser
 from qllm_core import EngineConfig, Granularity, SamplingParams
 from qllm_core.engine_core import EngineCore
 from qllm_core.forward import ForwardPass
@@ -117,17 +118,15 @@ def transformers_calls(model: Any) -> float:
 
 def main() -> None:
     """Measure both figures and write one JSON file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--rounds", type=int, default=5, help="lockstep rounds; the median ratio is kept")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/host_overhead.json"))
+    parser = script_parser(__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--rounds", type=count, default=5, help="lockstep rounds; the median ratio is kept")
+    add_out_argument(parser, "host_overhead.json")
     args = parser.parse_args()
     base = EngineConfig(model="tiny", device="cpu", dtype="float32")
     loaded = load_model(base)
     lockstep = decode_comparison(base, loaded, BATCH, PROMPT_LEN, NEW_TOKENS, rounds=args.rounds)
-    core = EngineCore(
-        EngineConfig(model="tiny", device="cpu", dtype="float32", policy="fcfs", granularity=Granularity.ITERATION),
-        loaded=loaded,
-    )
+    config = dataclasses.replace(base, policy="fcfs", granularity=Granularity.ITERATION)
+    core = EngineCore(config, loaded=loaded)
     calls = engine_calls(core)
     hf = transformers_calls(transformers_twin(core))
     result = {
@@ -135,15 +134,12 @@ def main() -> None:
         "batch": BATCH,
         "prompt_len": PROMPT_LEN,
         "new_tokens": NEW_TOKENS,
-        "torch_threads": torch.get_num_threads(),
         "decode": {k: {kk: vv for kk, vv in v.items() if kk != "rounds_step_s"} for k, v in lockstep.items()},
         "decode_rounds": {k: v["rounds_step_s"] for k, v in lockstep.items()},
         "calls_per_step": {"engine": calls, "transformers_generate": hf},
     }
     print(json.dumps({k: v for k, v in result.items() if k != "decode_rounds"}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ Definitions (all times in seconds, measured by the client on one monotonic clock
 - Turnaround (end to end): last token received - request sent. Over completed requests.
 - TPOT (time per output token): (last token - first token) / (output tokens - 1). Over completed
   requests with at least two output tokens.
+- Inter-token latency: every gap between two consecutive output tokens of a completed request, pooled
+  over the class (`RequestRecord.token_times_s`; a chunk carrying several tokens stamps them alike, so its
+  extra tokens show as gaps of 0). TPOT is a request's mean gap; this shows the stalls inside it.
+- Goodput: requests per second (over the duration) that completed with TTFT <= slo and TPOT <= tpot_slo
+  (a one-token request has no TPOT and needs the TTFT alone); None without a TPOT SLO.
 - Slowdown: TTFT / the isolated TTFT of the same prompt length on the idle target (`isolated_ttft_s`,
   measured around the run by `benchmarks.calibration`): what the scheduler cost the request; 1 is the limit.
 - Duration: first request sent -> last completed request finished (the makespan).
@@ -16,6 +21,8 @@ Definitions (all times in seconds, measured by the client on one monotonic clock
 - Client lag: TTFT the client saw - TTFT the engine recorded (`Timeline.ttft_s`): the time between the
   engine's clock and the client's at both ends (handing the request in, handing the token back), where an
   engine thread and the client compete for one process.
+- Engine counts (in-process and child targets): the forward passes completed, preemptions and merges of
+  the run, the engine's running totals (`EngineStats`) read before and after it (`EngineCounts`).
 
 Percentiles use linear interpolation between closest ranks, numpy's default (`method="linear"`,
 Hyndman & Fan type 7): sort the n values, take rank h = (n - 1) * q / 100 and interpolate between the
@@ -26,12 +33,18 @@ says why.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from benchmarks.checks import positive
 from benchmarks.workload import Priority
 from qllm_core.timeline import Timeline
+
+if TYPE_CHECKING:
+    from qllm_core.stats import EngineStats
 
 
 class MetricsError(ValueError):
@@ -107,6 +120,9 @@ class RequestRecord:
     """Where its time to first token went, as the engine recorded it (in-process runners only)."""
     isolated_ttft_s: float | None = None
     """TTFT of its prompt length on the idle target (see `benchmarks.calibration`); None when not measured."""
+    token_times_s: tuple[float, ...] = ()
+    """When each output token arrived (a chunk carrying several stamps them alike); empty in records written
+    before these were kept."""
 
     @property
     def completed(self) -> bool:
@@ -141,6 +157,47 @@ class RequestRecord:
         if not self.completed or self.output_tokens < 2 or self.first_token_s is None or self.finished_s is None:
             return None
         return (self.finished_s - self.first_token_s) / (self.output_tokens - 1)
+
+    @property
+    def inter_token_gaps_s(self) -> tuple[float, ...]:
+        """The gaps between consecutive output tokens, for completed requests (none without two tokens)."""
+        if not self.completed:
+            return ()
+        times = self.token_times_s
+        return tuple(b - a for a, b in itertools.pairwise(times))
+
+    def meets(self, ttft_slo_s: float, tpot_slo_s: float) -> bool:
+        """Completed with TTFT <= `ttft_slo_s` and TPOT <= `tpot_slo_s` (a one-token request: TTFT alone)."""
+        ttft, tpot = self.ttft_s, self.tpot_s
+        return self.completed and ttft is not None and ttft <= ttft_slo_s and (tpot is None or tpot <= tpot_slo_s)
+
+
+@dataclass(frozen=True)
+class EngineCounts:
+    """The engine's running totals of work (`EngineStats`), or over one run the difference of two readings."""
+
+    passes: int
+    """Forward passes completed."""
+    preemptions: int
+    """Passes suspended for more urgent work (each is resumed later, merged into, or dropped)."""
+    merges: int
+    """Running passes joined into a suspended one."""
+    resumes: int = 0
+    """Suspended passes run again (0 in readings taken before the engine counted them)."""
+
+    @classmethod
+    def of(cls, stats: EngineStats) -> EngineCounts:
+        """The totals in an engine's stats snapshot."""
+        return cls(stats.passes_completed, stats.preemptions, stats.merges, stats.resumes)
+
+    def since(self, before: EngineCounts) -> EngineCounts:
+        """What happened between `before` and this reading."""
+        return EngineCounts(
+            self.passes - before.passes,
+            self.preemptions - before.preemptions,
+            self.merges - before.merges,
+            self.resumes - before.resumes,
+        )
 
 
 @dataclass(frozen=True)
@@ -198,6 +255,11 @@ class ClassMetrics:
     output_tokens: int
     breakdown: Breakdown | None
     """Where its TTFT went, over the requests with an engine timeline (in-process runners)."""
+    inter_token: Distribution | None = None
+    """Every gap between consecutive output tokens of its completed requests, pooled (None in results written
+    before token times were kept)."""
+    goodput_rps: float | None = None
+    """Its requests per second meeting the TTFT and TPOT SLOs together; None without a TPOT SLO."""
 
 
 @dataclass(frozen=True)
@@ -220,13 +282,40 @@ class RunMetrics:
     be: ClassMetrics
     errors: tuple[str, ...]
     """Distinct error messages (at most 5)."""
+    tpot_slo_s: float | None = None
+    """The TPOT SLO of goodput (with slo_s on TTFT); None when goodput was not asked for."""
+    goodput_rps: float | None = None
+    """Requests per second of every class meeting the TTFT and TPOT SLOs together; None without a TPOT SLO."""
+    engine: EngineCounts | None = None
+    """Passes, preemptions and merges of the run; None when the target does not show them (HTTP)."""
 
     def of(self, priority: Priority) -> ClassMetrics:
         """The metrics of one class."""
         return self.ls if priority == "ls" else self.be
 
 
-def class_metrics(records: Sequence[RequestRecord], slo_s: float) -> ClassMetrics:
+@dataclass(frozen=True)
+class Slo:
+    """The service levels a run is judged against."""
+
+    ttft_s: float
+    tpot_s: float | None = None
+    """None: no goodput (it needs both)."""
+
+    def __post_init__(self) -> None:
+        positive("slo_s", self.ttft_s, MetricsError, unit="seconds")
+        if self.tpot_s is not None:
+            positive("tpot_slo_s", self.tpot_s, MetricsError, unit="seconds")
+
+    def goodput(self, records: Sequence[RequestRecord], duration_s: float) -> float | None:
+        """Requests per second meeting both SLOs; None without a TPOT SLO, 0 over an empty duration."""
+        if self.tpot_s is None:
+            return None
+        met = sum(r.meets(self.ttft_s, self.tpot_s) for r in records)
+        return met / duration_s if duration_s > 0 else 0.0
+
+
+def class_metrics(records: Sequence[RequestRecord], slo: Slo, duration_s: float) -> ClassMetrics:
     """Metrics of one class's records (see the module docstring for the definitions)."""
     ttfts = [t for r in records if (t := r.ttft_s) is not None]
     done = [r for r in records if r.completed]
@@ -234,20 +323,26 @@ def class_metrics(records: Sequence[RequestRecord], slo_s: float) -> ClassMetric
         requests=len(records),
         completed=len(done),
         failed=len(records) - len(done),
-        slo_attainment=sum(1 for t in ttfts if t <= slo_s) / len(records) if records else None,
+        slo_attainment=sum(1 for t in ttfts if t <= slo.ttft_s) / len(records) if records else None,
         ttft=Distribution.of(ttfts),
         slowdown=Distribution.of([s for r in records if (s := r.slowdown) is not None]),
         turnaround=Distribution.of([t for r in done if (t := r.turnaround_s) is not None]),
         tpot=Distribution.of([t for r in done if (t := r.tpot_s) is not None]),
+        inter_token=Distribution.of([gap for r in done for gap in r.inter_token_gaps_s]),
+        goodput_rps=slo.goodput(records, duration_s),
         output_tokens=sum(r.output_tokens for r in done),
         breakdown=Breakdown.of([r.timeline for r in records if r.timeline is not None]),
     )
 
 
-def summarize(records: Sequence[RequestRecord], slo_s: float) -> RunMetrics:
-    """Per-class and overall metrics of one run."""
-    if not (isinstance(slo_s, int | float) and math.isfinite(slo_s) and slo_s > 0):
-        raise MetricsError(f"slo_s must be a positive number of seconds, got {slo_s!r}")
+def summarize(
+    records: Sequence[RequestRecord],
+    slo_s: float,
+    tpot_slo_s: float | None = None,
+    engine: EngineCounts | None = None,
+) -> RunMetrics:
+    """Per-class and overall metrics of one run; `engine`: the run's engine counts, when read."""
+    slo = Slo(slo_s, tpot_slo_s)
     if not records:
         raise MetricsError("a run without requests has no metrics")
     done = [r for r in records if r.completed]
@@ -260,16 +355,19 @@ def summarize(records: Sequence[RequestRecord], slo_s: float) -> RunMetrics:
     assert send_lag is not None
     return RunMetrics(
         slo_s=float(slo_s),
+        tpot_slo_s=tpot_slo_s,
         requests=len(records),
         completed=len(done),
         failed=len(records) - len(done),
         duration_s=duration,
         requests_per_s=len(done) / duration if duration > 0 else 0.0,
         output_tokens_per_s=tokens / duration if duration > 0 else 0.0,
+        goodput_rps=slo.goodput(records, duration),
+        engine=engine,
         max_send_lag_s=send_lag.max,
         send_lag=send_lag,
         client_lag=Distribution.of([lag for r in records if (lag := r.client_lag_s) is not None]),
-        ls=class_metrics([r for r in records if r.priority == "ls"], slo_s),
-        be=class_metrics([r for r in records if r.priority == "be"], slo_s),
+        ls=class_metrics([r for r in records if r.priority == "ls"], slo, duration),
+        be=class_metrics([r for r in records if r.priority == "be"], slo, duration),
         errors=tuple(errors[:5]),
     )

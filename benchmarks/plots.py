@@ -96,26 +96,36 @@ def ls_ttft_figure(result: SweepResult) -> Figure:
     return fig
 
 
-def throughput_figure(result: SweepResult) -> Figure:
-    """Completed requests/s and output tokens/s against rate."""
+_Panel = tuple[_Metric, str, str]
+"""One panel of a two-panel figure: the metric of a point, the y label, the title."""
+
+
+def _pair_figure(result: SweepResult, left_panel: _Panel, right_panel: _Panel) -> Figure:
     all_points = points(result.runs)
     fig = Figure(figsize=(11, 4.5))
     left, right = fig.subplots(1, 2)
-    _plot(left, all_points, lambda p: p.requests_per_s, "completed requests/s", "Request throughput")
-    _plot(right, all_points, lambda p: p.output_tokens_per_s, "output tokens/s", "Token throughput")
+    _plot(left, all_points, *left_panel)
+    _plot(right, all_points, *right_panel)
     left.legend(fontsize="small")
     return fig
+
+
+def throughput_figure(result: SweepResult) -> Figure:
+    """Completed requests/s and output tokens/s against rate."""
+    return _pair_figure(
+        result,
+        (lambda p: p.requests_per_s, "completed requests/s", "Request throughput"),
+        (lambda p: p.output_tokens_per_s, "output tokens/s", "Token throughput"),
+    )
 
 
 def turnaround_figure(result: SweepResult) -> Figure:
     """Mean LS and BE turnaround (send to last token) against rate."""
-    all_points = points(result.runs)
-    fig = Figure(figsize=(11, 4.5))
-    left, right = fig.subplots(1, 2)
-    _plot(left, all_points, lambda p: p.ls_turnaround_mean_s, "seconds", "LS turnaround (mean)")
-    _plot(right, all_points, lambda p: p.be_turnaround_mean_s, "seconds", "BE turnaround (mean)")
-    left.legend(fontsize="small")
-    return fig
+    return _pair_figure(
+        result,
+        (lambda p: p.ls_turnaround_mean_s, "seconds", "LS turnaround (mean)"),
+        (lambda p: p.be_turnaround_mean_s, "seconds", "BE turnaround (mean)"),
+    )
 
 
 def _ls_slowdowns(runs: Sequence[RunResult]) -> list[float]:

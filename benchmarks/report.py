@@ -14,14 +14,16 @@ results.json holds `{"meta": ..., "summary": {"points": [...], "goodput": [...]}
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from benchmarks import json_form
 from benchmarks.aggregate import Point, Spread, goodputs, points
+from benchmarks.azure import ATTRIBUTION as AZURE_ATTRIBUTION
+from benchmarks.json_form import jsonable
 from benchmarks.metrics import Distribution, min_samples
 from benchmarks.plots import write_plots
 from benchmarks.results import SweepResult
-from benchmarks.sweep_settings import EngineHost, jsonable
+from benchmarks.sweep_settings import EngineHost
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
@@ -38,8 +40,7 @@ def write_json(result: SweepResult, path: Path) -> Path:
         },
         "records": [r.to_dict() for r in result.runs],
     }
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    return json_form.write_json(path, data)
 
 
 def spread_cell(
@@ -97,6 +98,8 @@ def _header(result: SweepResult) -> list[str]:
         "",
         f"- Started {result.started_at}; wall time {result.wall_s:.1f} s",
         f"- LS TTFT SLO: {slo}",
+        f"- Goodput SLO: TTFT as above and TPOT <= {result.tpot_slo_s * 1000:.1f} ms "
+        f"({'given' if s.tpot_slo_s is not None else f'{s.tpot_slo_factor:g} x one decode iteration'})",
         f"- Machine: {m.platform}, {m.cpu_count} CPUs ({m.cpus_usable} usable), torch {m.torch}, "
         f"GPU {m.cuda or 'none'}",
         f"- Targets: {host}",
@@ -116,15 +119,18 @@ def _header(result: SweepResult) -> list[str]:
         ]
     elif s.trace is not None:
         lines.append(f"- Lengths: trace `{s.trace}`")
+    elif s.dataset is not None and s.dataset.replayed:
+        replies = "" if s.dataset.max_tokens_cap is None else f", replies at {s.dataset.max_tokens_cap} tokens"
+        lines.append(f"- Lengths: {s.dataset.name}, {AZURE_ATTRIBUTION}; capped to the model's context{replies}")
     else:
         lines.append(
             f"- Lengths: lognormal prompts (mean {w.prompt_len.mean:g}, cap {w.prompt_len.cap}) and replies "
             f"(mean {w.max_tokens.mean:g}, cap {w.max_tokens.cap}) tokens"
         )
     seeds = ",".join(str(x) for x in s.seeds)
+    replayed = s.trace is not None or (s.dataset is not None and s.dataset.replayed)
     lines.append(
-        f"- Arrivals: {'the trace' if s.trace is not None else 'Poisson'}, LS share {w.ls_share:g}, seeds {seeds}; "
-        f"{_size(result)}"
+        f"- Arrivals: {'the trace' if replayed else 'Poisson'}, LS share {w.ls_share:g}, seeds {seeds}; {_size(result)}"
     )
     if result.capacity is not None:
         c = result.capacity
@@ -178,6 +184,34 @@ def _main_table(all_points: tuple[Point, ...]) -> list[str]:
             f"| {spread_cell(p.ls_ttft_p99_s, 1000, 0, _few(p, 99))} | {_pct(p.ls_slo_attainment)} "
             f"| {spread_cell(p.ls_tpot_p99_s, 1000, 1, _few(p, 99))} | {spread_cell(p.output_tokens_per_s, digits=1)} "
             f"| {spread_cell(p.be_completed, digits=0)} | {spread_cell(p.unfinished, digits=0)} |"
+        )
+    return lines
+
+
+def _p50_p99(d: Distribution | None, scale: float, digits: int) -> str:
+    """A pooled distribution's "p50 / p99"; "-" when missing, the count when too few samples for the p99."""
+    if d is None:
+        return "- / -"
+    p99 = f"- (n={d.count})" if d.p99 is None else f"{d.p99 * scale:.{digits}f}"
+    return f"{d.p50 * scale:.{digits}f} / {p99}"
+
+
+def _answer_table(all_points: tuple[Point, ...]) -> list[str]:
+    lines = [
+        "| Policy | Rate | LS slowdown p50 / p99 | LS TPOT p50 / p99 (ms) | LS inter-token p50 / p99 (ms) "
+        "| LS turnaround p50 / p99 (s) | BE turnaround p50 / p99 (s) | Output tok/s | LS goodput (req/s) "
+        "| Goodput (req/s) | Passes | Preemptions | Merges |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in all_points:
+        d = p.pooled
+        lines.append(
+            f"| {p.label} | {_rate(p)} | {_p50_p99(d.ls_slowdown, 1, 2)} | {_p50_p99(d.ls_tpot, 1000, 0)} "
+            f"| {_p50_p99(d.ls_inter_token, 1000, 0)} | {_p50_p99(d.ls_turnaround, 1, 2)} "
+            f"| {_p50_p99(d.be_turnaround, 1, 2)} "
+            f"| {spread_cell(p.output_tokens_per_s, digits=1)} | {spread_cell(p.ls_goodput_rps)} "
+            f"| {spread_cell(p.goodput_rps)} | {spread_cell(p.passes, digits=0)} "
+            f"| {spread_cell(p.preemptions, digits=0)} | {spread_cell(p.merges, digits=0)} |"
         )
     return lines
 
@@ -237,8 +271,9 @@ def _ms(d: Distribution | None, q: str) -> str:
 def _runs_table(result: SweepResult) -> list[str]:
     lines = [
         "| Policy | Rate (req/s) | Seed | Done | LS TTFT mean (ms) | LS TTFT p99 (ms) | LS SLO met | LS slowdown p50 "
-        "| BE TTFT mean (ms) | LS turnaround (s) | BE turnaround (s) | Req/s | Output tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| BE TTFT mean (ms) | LS turnaround (s) | BE turnaround (s) | Req/s | Output tok/s "
+        "| Passes / preemptions / resumes / merges |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result.runs:
         mt = run.metrics
@@ -247,13 +282,44 @@ def _runs_table(result: SweepResult) -> list[str]:
         slow = "-" if ls.slowdown is None else f"{ls.slowdown.p50:.2f}"
         ls_turn = "-" if ls.turnaround is None else f"{ls.turnaround.mean:.3f}"
         be_turn = "-" if be.turnaround is None else f"{be.turnaround.mean:.3f}"
+        e = mt.engine
+        counts = "-" if e is None else f"{e.passes} / {e.preemptions} / {e.resumes} / {e.merges}"
         lines.append(
             f"| {run.label} | {run.rate:.3g} | {run.seed} | {mt.completed}/{mt.requests} "
             f"| {_ms(ls.ttft, 'mean')} | {_ms(ls.ttft, 'p99')} | {met} | {slow} "
             f"| {_ms(be.ttft, 'mean')} | {ls_turn} | {be_turn} | {mt.requests_per_s:.2f} "
-            f"| {mt.output_tokens_per_s:.1f} |"
+            f"| {mt.output_tokens_per_s:.1f} | {counts} |"
         )
     return lines
+
+
+_MAIN_NOTE = (
+    "LS n = LS requests a run; SLO met = share of LS requests with TTFT <= SLO (failures miss); "
+    "TPOT = time per output token after the first; Unfinished = failed or not done within the drain timeout."
+)
+_ANSWER_NOTE = (
+    "Percentiles over the seeds' requests pooled (p99 from 100 samples or more); inter-token = every gap between "
+    "two tokens of a completed request; goodput = requests a second with TTFT and TPOT both within the SLOs "
+    "(median over seeds); passes, preemptions and merges: the engine's own counts over the run (median over "
+    "seeds; `-` for an HTTP endpoint)."
+)
+_BREAKDOWN_NOTE = (
+    "queued = arrival to the start of its first pass; own = passes carrying it; foreign = passes without "
+    "it, between its arrival and its first token; other = the rest (planning, sampling, outputs, idle); "
+    "shared = other requests' new tokens and requests in the passes carrying its prompt."
+)
+_CHECKS_NOTE = (
+    "after / before = median over the grid of the isolated TTFT after the run over before it; client lag = "
+    "TTFT the client saw minus TTFT the engine recorded (the cost of sharing a process with the client); "
+    "send lag = actual minus scheduled send."
+)
+
+
+def _section(title: str, table: list[str], note: str | None = None) -> list[str]:
+    """A titled table and its note; nothing for an empty table."""
+    if not table:
+        return []
+    return ["", f"## {title}", "", *table, *(["", note] if note else [])]
 
 
 def markdown_report(result: SweepResult) -> str:
@@ -261,34 +327,18 @@ def markdown_report(result: SweepResult) -> str:
     rate over seeds, LS goodput, where LS TTFT went, measurement checks, and one row per run."""
     all_points = points(result.runs)
     lines = _header(result)
-    lines += ["", "## LS latency and throughput per policy and rate", "", *_main_table(all_points)]
-    lines += [
-        "",
-        "LS n = LS requests a run; SLO met = share of LS requests with TTFT <= SLO (failures miss); "
-        "TPOT = time per output token after the first; Unfinished = failed or not done within the drain timeout.",
-    ]
-    lines += ["", "## LS goodput (LS SLO met >= 99% in every seed, at that rate and below)", ""]
-    lines += _goodput_table(all_points)
-    breakdown = _breakdown_table(all_points)
-    if breakdown:
-        lines += [
-            "",
-            "## Where LS time to first token went (the engine's timeline; mean / p90 over every seed's LS requests)",
-            "",
-            *breakdown,
-            "",
-            "queued = arrival to the start of its first pass; own = passes carrying it; foreign = passes without "
-            "it, between its arrival and its first token; other = the rest (planning, sampling, outputs, idle); "
-            "shared = other requests' new tokens and requests in the passes carrying its prompt.",
-        ]
-    lines += ["", "## Measurement checks", "", *_measurement_table(all_points)]
-    lines += [
-        "",
-        "after / before = median over the grid of the isolated TTFT after the run over before it; client lag = "
-        "TTFT the client saw minus TTFT the engine recorded (the cost of sharing a process with the client); "
-        "send lag = actual minus scheduled send.",
-    ]
-    lines += ["", "## Runs", "", *_runs_table(result)]
+    lines += _section("LS latency and throughput per policy and rate", _main_table(all_points), _MAIN_NOTE)
+    lines += _section("The whole answer (every seed's requests pooled)", _answer_table(all_points), _ANSWER_NOTE)
+    lines += _section(
+        "LS goodput (LS SLO met >= 99% in every seed, at that rate and below)", _goodput_table(all_points)
+    )
+    lines += _section(
+        "Where LS time to first token went (the engine's timeline; mean / p90 over every seed's LS requests)",
+        _breakdown_table(all_points),
+        _BREAKDOWN_NOTE,
+    )
+    lines += _section("Measurement checks", _measurement_table(all_points), _CHECKS_NOTE)
+    lines += _section("Runs", _runs_table(result))
     failed = [r for r in result.runs if r.metrics.failed]
     if failed:
         lines += ["", "Failed or unfinished requests:"]

@@ -4,16 +4,16 @@ their JSON form (see `benchmarks.report` for the file's layout)."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.calibration import Calibration
 from benchmarks.capacity import CapacityProbe
+from benchmarks.json_form import jsonable
+from benchmarks.machine import Machine
 from benchmarks.metrics import RequestRecord, RunMetrics
 from benchmarks.sharegpt import DatasetSummary
-from benchmarks.sweep_settings import SweepSettings, jsonable
+from benchmarks.sweep_settings import SweepSettings
 from benchmarks.workload import WorkloadSummary
 
 
@@ -63,6 +63,8 @@ class SweepResult:
     slo_s: float
     slo_source: str
     """"given" or "measured" (slo_factor x decode_iteration_s)."""
+    tpot_slo_s: float
+    """The TPOT SLO of goodput: given, or tpot_slo_factor x decode_iteration_s."""
     decode_iteration_s: float
     machine: Machine
     settings: SweepSettings
@@ -76,42 +78,3 @@ class SweepResult:
     def meta(self) -> dict[str, Any]:
         """Everything but the runs, JSON-friendly."""
         return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "runs"}
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where the client ran."""
-
-    platform: str
-    machine: str
-    processor: str | None
-    python: str
-    cpu_count: int | None
-    cpus_usable: int | None
-    """Containers often pin fewer cores than the host has."""
-    torch: str | None
-    torch_threads: int | None
-    cuda: str | None
-    """The GPU torch sees, if any."""
-
-
-def machine_info() -> Machine:
-    """Platform, CPUs, Python and torch (and the GPU, if torch sees one)."""
-    try:
-        import torch
-    except ImportError:
-        torch_version, threads, cuda = None, None, None
-    else:
-        torch_version, threads = torch.__version__, torch.get_num_threads()
-        cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return Machine(
-        platform=platform.platform(),
-        machine=platform.machine(),
-        processor=platform.processor() or None,
-        python=platform.python_version(),
-        cpu_count=os.cpu_count(),
-        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        torch=torch_version,
-        torch_threads=threads,
-        cuda=cuda,
-    )

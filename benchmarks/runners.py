@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from benchmarks.metrics import RequestRecord
-from benchmarks.workload import Priority, RequestSpec, Workload
+import httpx
+
+from benchmarks.checks import positive
+from benchmarks.metrics import EngineCounts, RequestRecord
+from benchmarks.workload import RequestSpec, Workload
+from deployments.protocol import PRIORITY_HEADER
+from qllm_core.request import PriorityClass
 from qllm_core.timeline import Timeline
-
-API_PRIORITY: dict[Priority, str] = {"ls": "latency_sensitive", "be": "best_effort"}
-"""How a class is named on the wire (the `priority` field and the `x-qllm-priority` header)."""
-
-PRIORITY_HEADER = "x-qllm-priority"
 
 
 class BenchmarkError(RuntimeError):
@@ -65,8 +65,7 @@ class _Tracker:
 
     spec: RequestSpec
     sent_s: float | None = None
-    first_token_s: float | None = None
-    last_token_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
     finished_s: float | None = None
     output_tokens: int = 0
     prompt_tokens: int | None = None
@@ -80,13 +79,25 @@ class _Tracker:
             priority=spec.priority,
             scheduled_s=spec.arrival_s,
             sent_s=self.sent_s if self.sent_s is not None else spec.arrival_s,
-            first_token_s=self.first_token_s,
+            first_token_s=self.token_times_s[0] if self.token_times_s else None,
             finished_s=self.finished_s if self.error is None else None,
             output_tokens=self.output_tokens,
             prompt_tokens=self.prompt_tokens if self.prompt_tokens is not None else spec.prompt_len,
             error=self.error,
             timeline=self.timeline,
+            token_times_s=tuple(self.token_times_s),
         )
+
+    def seen(self, event: StreamEvent, now: float) -> None:
+        """Take in one streamed update that arrived at `now`: each new token is stamped with it (a chunk
+        carrying several stamps them all alike)."""
+        if event.output_tokens > self.output_tokens:
+            self.token_times_s += [now] * (event.output_tokens - self.output_tokens)
+            self.output_tokens = event.output_tokens
+        if event.prompt_tokens is not None:
+            self.prompt_tokens = event.prompt_tokens
+        if event.timeline is not None:
+            self.timeline = event.timeline
 
 
 class Runner(ABC):
@@ -106,6 +117,11 @@ class Runner(ABC):
     @abstractmethod
     def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
         """Send one request and yield an event per streamed update; raise when the request fails."""
+
+    async def engine_counts(self) -> EngineCounts | None:
+        """The engine's running totals of passes, preemptions and merges, read now; None when the target
+        does not show them (an HTTP endpoint). A run's own counts are the difference around it."""
+        return None
 
     async def __aenter__(self) -> Runner:
         await self.start()
@@ -142,19 +158,11 @@ class Runner(ABC):
         tracker.sent_s = time.monotonic() - origin
         try:
             async for event in self.stream(tracker.spec):
-                now = time.monotonic() - origin
-                if event.output_tokens > tracker.output_tokens:
-                    if tracker.first_token_s is None:
-                        tracker.first_token_s = now
-                    tracker.last_token_s = now
-                    tracker.output_tokens = event.output_tokens
-                if event.prompt_tokens is not None:
-                    tracker.prompt_tokens = event.prompt_tokens
-                if event.timeline is not None:
-                    tracker.timeline = event.timeline
-            if tracker.output_tokens == 0:
+                tracker.seen(event, time.monotonic() - origin)
+            if not tracker.token_times_s:
                 tracker.error = "the stream ended without any output token"
-            tracker.finished_s = tracker.last_token_s
+            else:
+                tracker.finished_s = tracker.token_times_s[-1]
         except asyncio.CancelledError:
             tracker.error = "not finished within the drain timeout"
             raise
@@ -170,11 +178,15 @@ class Runner(ABC):
         """Send a few small requests so first-call costs stay out of the measurements; fail loudly if they fail."""
         if requests <= 0:
             return
-        specs = probe_specs(requests, prompt_len, max_tokens, token_range)
-        records = await self.run(Workload(specs, 1.0, "warmup"), drain_timeout_s=300.0)
+        await self._probe(probe_specs(requests, prompt_len, max_tokens, token_range), "warm-up")
+
+    async def _probe(self, specs: tuple[RequestSpec, ...], what: str) -> list[RequestRecord]:
+        """Run probe requests (all sent at once); BenchmarkError, naming `what`, when any of them fails."""
+        records = await self.run(Workload(specs, 1.0, what), drain_timeout_s=300.0)
         failed = [r.error for r in records if not r.completed]
         if failed:
-            raise BenchmarkError(f"{self.label}: {len(failed)} of {requests} warm-up requests failed: {failed[0]}")
+            raise BenchmarkError(f"{self.label}: {len(failed)} of {len(specs)} {what} requests failed: {failed[0]}")
+        return records
 
     async def measure_decode_iteration(
         self, batch: int = 8, prompt_len: int = 64, max_tokens: int = 16, token_range: tuple[int, int] = (3, 500)
@@ -183,23 +195,8 @@ class Runner(ABC):
         sent together (after their prefills they decode as one batch, one token each per iteration)."""
         if batch < 1 or max_tokens < 2:
             raise BenchmarkError("decode calibration needs batch >= 1 and max_tokens >= 2")
-        gaps: list[float] = []
-
-        async def one(spec: RequestSpec) -> None:
-            last_t: float | None = None
-            last_n = 0
-            async for event in self.stream(spec):
-                now = time.monotonic()
-                if event.output_tokens > last_n:
-                    if last_t is not None:
-                        # A chunk may carry several tokens; spread its gap over them.
-                        gaps.extend([(now - last_t) / (event.output_tokens - last_n)] * (event.output_tokens - last_n))
-                    last_t, last_n = now, event.output_tokens
-
-        try:
-            await asyncio.gather(*(one(s) for s in probe_specs(batch, prompt_len, max_tokens, token_range)))
-        except Exception as exc:
-            raise BenchmarkError(f"{self.label}: decode calibration failed: {type(exc).__name__}: {exc}") from exc
+        records = await self._probe(probe_specs(batch, prompt_len, max_tokens, token_range), "decode calibration")
+        gaps = [gap for r in records for gap in r.inter_token_gaps_s]
         if not gaps:
             raise BenchmarkError(f"{self.label}: decode calibration saw no second token; is EOS ignored?")
         return statistics.median(gaps)
@@ -240,9 +237,7 @@ class HttpSettings:
         if reserved:
             raise HttpSettingsError(f"extra_body may not set {sorted(reserved)}: the runner sets them per request")
         for name in ("connect_timeout_s", "read_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise HttpSettingsError(f"{name} must be a positive number of seconds, got {value!r}")
+            positive(name, getattr(self, name), HttpSettingsError, unit="seconds")
 
     @property
     def url(self) -> str:
@@ -266,28 +261,28 @@ class HttpRunner(Runner):
     def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
         self.label = settings.label
-        self._session: Any = None
+        self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        import aiohttp
-
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self.settings.connect_timeout_s, sock_read=self.settings.read_timeout_s
+        if self._client is None:
+            s = self.settings
+            # No client-side connection cap, which would queue requests and close the open loop; no bound on a
+            # whole request, only on connecting and on the silence between two chunks.
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(None, connect=s.connect_timeout_s, read=s.read_timeout_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             )
-            # limit=0: no client-side connection cap, which would otherwise queue requests and close the loop.
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamEvent]:
         """Stream one request over HTTP; raises `EndpointError` on a non-200 status or a broken stream."""
-        if self._session is None:
+        if self._client is None:
             raise BenchmarkError("the runner is not started; use `async with runner:`")
-        priority = API_PRIORITY[spec.priority]
+        priority = PriorityClass.parse(spec.priority).label
         body: dict[str, Any] = {
             "model": self.settings.model,
             "prompt": spec.prompt,
@@ -297,13 +292,14 @@ class HttpRunner(Runner):
             "stream": True,
             "priority": priority,
         }
-        async with self._session.post(self.settings.url, json=body, headers={PRIORITY_HEADER: priority}) as resp:
-            if resp.status != 200:
-                text = await resp.text()
-                raise EndpointError(f"HTTP {resp.status} from {self.settings.url}: {text[:300]}")
+        url = self.settings.url
+        async with self._client.stream("POST", url, json=body, headers={PRIORITY_HEADER: priority}) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode("utf-8", errors="replace")
+                raise EndpointError(f"HTTP {resp.status_code} from {url}: {text[:300]}")
             count = 0
-            async for raw in resp.content:
-                line = raw.decode("utf-8", errors="replace").strip()
+            async for raw in resp.aiter_lines():
+                line = raw.strip()
                 if not line.startswith("data:"):
                     continue  # SSE comments, event names and the blank separators
                 data = line[len("data:") :].strip()

@@ -11,23 +11,21 @@ Run: `python -m benchmarks.soak --minutes 5 --out benchmarks/results/soak.json`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import psutil
 from ray import serve
 
+from benchmarks.json_form import write_result
 from benchmarks.local_app import deploy, local_cluster
+from benchmarks.script_args import add_out_argument, count, script_parser
 from deployments.protocol import ReplicaLoad
 
 REPLICA_PROCESS = "ServeReplica:qllm:EngineReplica"
@@ -134,12 +132,39 @@ def replica_rss() -> dict[int, int]:
     return found
 
 
-async def soak(base: str, minutes: float, rate: float, max_requests: int, seed: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RssSample:
+    """Engine replica memory at one moment of a soak."""
+
+    t_s: float
+    rss: dict[int, int]
+    """Resident bytes by replica process id."""
+
+
+@dataclass(frozen=True)
+class SoakRun:
+    """What one stretch of traffic came to."""
+
+    sent: int
+    duration_s: float
+    outcomes: dict[str, int]
+    """completed, errored, hung_up, lost: how many of each."""
+    causes: dict[str, int]
+    """Each outcome with its detail (an error code, why a request was lost), counted."""
+    rss_samples: tuple[RssSample, ...]
+
+    @property
+    def lost(self) -> int:
+        """Requests that ended neither completed, with an explicit error, nor by a deliberate hang-up."""
+        return self.outcomes.get("lost", 0)
+
+
+async def soak(base: str, minutes: float, rate: float, max_requests: int, seed: int) -> SoakRun:
     """Open-loop Poisson traffic for `minutes` (at most `max_requests`), then wait for every answer."""
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
     causes: Counter[str] = Counter()
-    samples: list[dict[str, Any]] = []
+    samples: list[RssSample] = []
     start = time.monotonic()
 
     async def one(plan: Plan, request_rng: random.Random) -> None:
@@ -154,39 +179,47 @@ async def soak(base: str, minutes: float, rate: float, max_requests: int, seed: 
         while len(tasks) < max_requests and time.monotonic() - start < minutes * 60:
             elapsed = time.monotonic() - start
             if elapsed >= next_sample:
-                samples.append({"t_s": round(elapsed, 1), "rss": replica_rss()})
+                samples.append(RssSample(round(elapsed, 1), replica_rss()))
                 next_sample += 30.0
             plan = make_plan(rng)
             tasks.append(asyncio.create_task(one(plan, random.Random(rng.random()))))
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
-    return {
-        "sent": len(tasks),
-        "duration_s": round(time.monotonic() - start, 1),
-        "outcomes": dict(outcomes),
-        "causes": dict(causes),
-        "rss_samples": samples,
-    }
+    return SoakRun(len(tasks), round(time.monotonic() - start, 1), dict(outcomes), dict(causes), tuple(samples))
 
 
-def _at_end(load: ReplicaLoad) -> dict[str, Any]:
-    """A replica's last report without its recent TTFTs: what must be zero once every request has ended."""
-    values = asdict(load)
-    for priority in ("ls", "be"):
-        values[priority].pop("recent_ttft")
-    return values
+@dataclass(frozen=True)
+class ReplicaAtEnd:
+    """A replica's last report, without its recent TTFTs: what must be zero once every request has ended."""
+
+    replica_id: str
+    ls_waiting: int
+    ls_running: int
+    be_waiting: int
+    be_running: int
+    kv_usage: float
+
+    @classmethod
+    def of(cls, load: ReplicaLoad) -> ReplicaAtEnd:
+        """From a replica's load report."""
+        ls, be = load.ls, load.be
+        return cls(load.replica_id, ls.waiting, ls.running, be.waiting, be.running, load.kv_usage)
+
+
+def _mib(rss: int) -> float:
+    return round(rss / 2**20, 1)
 
 
 def main() -> None:
     """Warm up, soak, then report outcomes, engine state and replica memory growth."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="tiny", help="engine model: tiny, bench or a checkpoint directory")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
-    parser.add_argument("--max-requests", type=int, default=2000)
-    parser.add_argument("--max-queued-be", type=int, default=24, help="small, so some BE gets 429 at peaks")
+    parser.add_argument("--max-requests", type=count, default=2000)
+    parser.add_argument("--max-queued-be", type=count, default=24, help="small, so some BE gets 429 at peaks")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
+    add_out_argument(parser, "soak.json")
     args = parser.parse_args()
 
     app_args = {
@@ -207,23 +240,19 @@ def main() -> None:
         router = serve.get_deployment_handle("PriorityRouter", app_name="qllm")
         loads = [o.load for o in router.stats.remote().result(timeout_s=30).replicas.values()]
     growth = {str(p): round(100 * (rss_end[p] - rss_start[p]) / rss_start[p], 2) for p in rss_start if p in rss_end}
+    summary = {"sent": run.sent, "outcomes": run.outcomes, "causes": run.causes, "lost": run.lost}
+    print(json.dumps(summary | {"replica_rss_growth_pct": growth}))
     results = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "settings": vars(args) | {"out": str(args.out)},
-        "warmup": {"sent": warm["sent"], "outcomes": warm["outcomes"]},
-        **run,
-        "lost": run["outcomes"].get("lost", 0),
-        "engines_at_end": [_at_end(load) for load in loads],
-        "replica_rss_mib": {
-            str(pid): {"start": round(rss_start[pid] / 2**20, 1), "end": round(rss_end.get(pid, 0) / 2**20, 1)}
-            for pid in rss_start
-        },
+        "settings": vars(args),
+        "warmup": {"sent": warm.sent, "outcomes": warm.outcomes},
+        **summary,
+        "duration_s": run.duration_s,
+        "rss_samples": run.rss_samples,
+        "engines_at_end": [ReplicaAtEnd.of(load) for load in loads],
+        "replica_rss_mib": {str(p): {"start": _mib(rss_start[p]), "end": _mib(rss_end.get(p, 0))} for p in rss_start},
         "replica_rss_growth_pct": growth,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results[k] for k in ("sent", "outcomes", "causes", "lost", "replica_rss_growth_pct")}))
-    print(f"wrote {args.out}")
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,22 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from benchmarks.calibration import Calibration, Drift, calibration_grid, measure_isolated_ttft, workload_prompt_lens
+from benchmarks.calibration import (
+    Calibration,
+    Drift,
+    IsolatedTtft,
+    calibration_grid,
+    measure_isolated_ttft,
+    workload_prompt_lens,
+)
 from benchmarks.capacity import CapacityProbe, probe_capacity
-from benchmarks.checkpoint import Checkpoint, Resumed, RunKey
+from benchmarks.checkpoint import Checkpoint, DoneRun, Resumed, RunKey
 from benchmarks.child_runner import ChildRunner
 from benchmarks.engine_runner import EngineRunner
+from benchmarks.machine import machine_info
 from benchmarks.metrics import RequestRecord, summarize
 from benchmarks.progress import Progress
-from benchmarks.results import RunResult, SweepResult, machine_info
+from benchmarks.results import RunResult, SweepResult
 from benchmarks.runners import HttpRunner, Runner
 from benchmarks.sharegpt import DatasetSummary, default_path, load_sharegpt, token_counter
 from benchmarks.sweep_settings import EngineHost, PolicySpec, SweepSettings
@@ -95,7 +103,7 @@ class _Runners:
 
 def _dataset(settings: SweepSettings) -> tuple[DatasetSummary, PairPool] | None:
     ds = settings.dataset
-    if ds is None:
+    if ds is None or ds.replayed:  # a replayed trace brings its own lengths and arrivals
         return None
     from qllm_core.config import BUILTIN_MODELS
 
@@ -136,13 +144,84 @@ def _plan(settings: SweepSettings, capacity: CapacityProbe | None, pool: PairPoo
     return plan
 
 
-def _with_isolated(records: list[RequestRecord], calibration: Calibration | None) -> list[RequestRecord]:
+def _with_isolated(records: list[RequestRecord], calibration: Calibration | None) -> tuple[RequestRecord, ...]:
     if calibration is None:
-        return records
-    return [
+        return tuple(records)
+    return tuple(
         r if r.prompt_tokens is None else dataclasses.replace(r, isolated_ttft_s=calibration.before.at(r.prompt_tokens))
         for r in records
-    ]
+    )
+
+
+@dataclass
+class _Sitting:
+    """What the runs of one sitting share: the settings, runners, the calibration grid, the progress bar and
+    the decode iteration (measured on the first run's target unless the checkpoint holds it)."""
+
+    settings: SweepSettings
+    runners: _Runners
+    grid: tuple[int, ...] | None
+    progress: Progress
+    checkpoint: Checkpoint | None
+    capacity: CapacityProbe | None
+    decode_s: float | None
+
+    async def run(self, planned: _Planned) -> DoneRun:
+        """Make one run: warm-up, (the decode iteration,) isolated TTFT before, the workload, isolated TTFT after."""
+        where = f"{planned.target.label} @ {planned.workload.rate:.3g} req/s, seed {planned.seed}"
+        self.progress.describe(f"{where}: starting")
+        async with self.runners(planned.target) as runner:
+            await runner.warmup(self.settings.warmup_requests, token_range=_token_range(self.settings))
+            if self.decode_s is None:
+                self.progress.describe(f"{where}: timing a decode iteration")
+                self.decode_s = await self._decode_iteration(runner)
+            before = await self._isolated(runner, f"{where}: isolated TTFT before")
+            self.progress.describe(where)
+            counts_before = await runner.engine_counts()
+            records = await runner.run(planned.workload, self.settings.drain_timeout_s, on_done=self.progress.update)
+            counts_after = await runner.engine_counts()
+            after = await self._isolated(runner, f"{where}: isolated TTFT after")
+        calibration = None
+        if before is not None and after is not None:
+            calibration = Calibration(before, after, Drift.between(before, after))
+        engine = None if counts_before is None or counts_after is None else counts_after.since(counts_before)
+        label, seed, rate = planned.key
+        done = DoneRun(label, seed, rate, _with_isolated(records, calibration), calibration, engine)
+        if self.checkpoint is not None:
+            self.checkpoint.write_run(done)
+        return done
+
+    async def _decode_iteration(self, runner: Runner) -> float:
+        s = self.settings
+        decode_s = await runner.measure_decode_iteration(
+            s.calibration_batch, s.calibration_prompt_len, s.calibration_tokens, _token_range(s)
+        )
+        if self.checkpoint is not None:
+            self.checkpoint.write_header(decode_s, self.capacity)
+        return decode_s
+
+    async def _isolated(self, runner: Runner, what: str) -> IsolatedTtft | None:
+        if self.grid is None:
+            return None
+        self.progress.describe(what)
+        s = self.settings
+        return await measure_isolated_ttft(runner, self.grid, s.isolated_trials, _token_range(s))
+
+
+def _run_result(planned: _Planned, done: DoneRun, slo_s: float, tpot_slo_s: float) -> RunResult:
+    policy = planned.target.policy
+    return RunResult(
+        label=planned.target.label,
+        policy=None if policy is None else policy.policy,
+        granularity=None if policy is None else policy.granularity,
+        rate=planned.workload.rate,
+        rate_of_capacity=planned.rate_of_capacity,
+        seed=planned.seed,
+        workload=planned.workload.summary(),
+        metrics=summarize(done.requests, slo_s, tpot_slo_s, done.engine),
+        calibration=done.calibration,
+        requests=done.requests,
+    )
 
 
 async def run_sweep_async(settings: SweepSettings, checkpoint: Checkpoint | None = None) -> SweepResult:
@@ -153,70 +232,26 @@ async def run_sweep_async(settings: SweepSettings, checkpoint: Checkpoint | None
     dataset = _dataset(settings)
     pool = None if dataset is None else dataset[1]
     runners = _Runners(settings)
-    token_range = _token_range(settings)
     capacity = resumed.capacity or await _capacity(settings, runners, pool)
     plan = _plan(settings, capacity, pool)
     lens = workload_prompt_lens([p.workload for p in plan])
     grid = calibration_grid(lens, settings.isolated_points) if lens else None
-    decode_s = resumed.decode_iteration_s
-    raw: list[tuple[_Planned, list[RequestRecord], Calibration | None]] = []
-    todo = [p for p in plan if p.key not in resumed.runs]
-    with Progress(sum(len(p.workload.requests) for p in todo), enabled=settings.progress) as progress:
+    todo = sum(len(p.workload.requests) for p in plan if p.key not in resumed.runs)
+    done: list[DoneRun] = []
+    with Progress(todo, enabled=settings.progress) as progress:
+        sitting = _Sitting(settings, runners, grid, progress, checkpoint, capacity, resumed.decode_iteration_s)
         for planned in plan:
-            done = resumed.runs.get(planned.key)
-            if done is not None:
-                raw.append((planned, done.records, done.calibration))
-                continue
-            where = f"{planned.target.label} @ {planned.workload.rate:.3g} req/s, seed {planned.seed}"
-            progress.describe(f"{where}: starting")
-            async with runners(planned.target) as runner:
-                await runner.warmup(settings.warmup_requests, token_range=token_range)
-                if decode_s is None:
-                    progress.describe(f"{where}: timing a decode iteration")
-                    decode_s = await runner.measure_decode_iteration(
-                        settings.calibration_batch,
-                        settings.calibration_prompt_len,
-                        settings.calibration_tokens,
-                        token_range,
-                    )
-                    if checkpoint is not None:
-                        checkpoint.write_header(decode_s, capacity)
-                calibration = None
-                if grid is not None:
-                    progress.describe(f"{where}: isolated TTFT before")
-                    before = await measure_isolated_ttft(runner, grid, settings.isolated_trials, token_range)
-                progress.describe(where)
-                records = await runner.run(planned.workload, settings.drain_timeout_s, on_done=progress.update)
-                if grid is not None:
-                    progress.describe(f"{where}: isolated TTFT after")
-                    after = await measure_isolated_ttft(runner, grid, settings.isolated_trials, token_range)
-                    calibration = Calibration(before, after, Drift.between(before, after))
-            records = _with_isolated(records, calibration)
-            if checkpoint is not None:
-                checkpoint.write_run(planned.key, records, calibration)
-            raw.append((planned, records, calibration))
+            done.append(resumed.runs.get(planned.key) or await sitting.run(planned))
+    decode_s = sitting.decode_s
     assert decode_s is not None
     slo_s = settings.slo_s if settings.slo_s is not None else settings.slo_factor * decode_s
-    runs = tuple(
-        RunResult(
-            label=p.target.label,
-            policy=None if p.target.policy is None else p.target.policy.policy,
-            granularity=None if p.target.policy is None else p.target.policy.granularity,
-            rate=p.workload.rate,
-            rate_of_capacity=p.rate_of_capacity,
-            seed=p.seed,
-            workload=p.workload.summary(),
-            metrics=summarize(records, slo_s),
-            calibration=calibration,
-            requests=tuple(records),
-        )
-        for p, records, calibration in raw
-    )
+    tpot_slo_s = settings.tpot_slo_s if settings.tpot_slo_s is not None else settings.tpot_slo_factor * decode_s
     return SweepResult(
         model=settings.model,
         target="engine" if settings.endpoint is None else settings.http_settings().url,
         slo_s=slo_s,
         slo_source="given" if settings.slo_s is not None else "measured",
+        tpot_slo_s=tpot_slo_s,
         decode_iteration_s=decode_s,
         machine=machine_info(),
         settings=settings,
@@ -224,7 +259,7 @@ async def run_sweep_async(settings: SweepSettings, checkpoint: Checkpoint | None
         wall_s=time.monotonic() - t0,
         capacity=capacity,
         dataset=None if dataset is None else dataset[0],
-        runs=runs,
+        runs=tuple(_run_result(p, d, slo_s, tpot_slo_s) for p, d in zip(plan, done, strict=True)),
     )
 
 

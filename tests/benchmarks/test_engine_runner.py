@@ -9,15 +9,16 @@ import pytest
 
 from benchmarks.child_runner import ChildRunner
 from benchmarks.engine_runner import EngineRunner
+from benchmarks.metrics import EngineCounts
 from benchmarks.runners import BenchmarkError, Runner
 from benchmarks.workload import RequestSpec, Workload
-from qllm_core import EngineConfig
+from qllm_core import EngineConfig, Granularity
 
 RUNNERS = [EngineRunner, ChildRunner]
 
 
 def _config() -> EngineConfig:
-    return EngineConfig(model="tiny", device="cpu", policy="qllm", granularity="layer")
+    return EngineConfig(model="tiny", device="cpu", policy="qllm", granularity=Granularity.LAYER)
 
 
 @pytest.mark.parametrize("make", RUNNERS)
@@ -70,3 +71,15 @@ async def test_each_request_brings_back_the_engine_timeline_of_its_first_token(m
         # The engine's clock starts after the client's send and stops before the client sees the token.
         assert 0 < t.ttft_s <= record.ttft_s
         assert t.queued_s <= t.ttft_s and t.own_pass_s + t.foreign_pass_s <= t.ttft_s + 1e-9
+
+
+@pytest.mark.parametrize("make", RUNNERS)
+async def test_engine_counts_around_a_run_count_its_passes(make: type[Runner]) -> None:
+    # One request of 4 tokens alone under fcfs at iteration: a prefill pass and 3 decode passes, no preemption.
+    config = EngineConfig(model="tiny", device="cpu", policy="fcfs", granularity=Granularity.ITERATION)
+    async with make(config) as runner:  # type: ignore[call-arg]
+        before = await runner.engine_counts()
+        (record,) = await runner.run(Workload((RequestSpec(0, 0.0, "ls", 4, (5, 6, 7)),), 1.0, "test"), 10.0)
+        after = await runner.engine_counts()
+    assert record.completed and before is not None and after is not None
+    assert after.since(before) == EngineCounts(passes=4, preemptions=0, merges=0)

@@ -19,13 +19,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from benchmarks.report import JSON_NAME, write_outputs
-from benchmarks.runners import API_PRIORITY, HttpRunner, HttpSettings
+from benchmarks.runners import HttpRunner, HttpSettings
 from benchmarks.sweep import run_sweep
 from benchmarks.sweep_settings import SweepSettings
 from benchmarks.workload import LengthDistribution, RequestSpec, Workload, WorkloadSettings, poisson_workload
 from qllm_core import Engine, EngineConfig, InvalidRequestError, RequestOutput, SamplingParams
 
 pytestmark = pytest.mark.integration
+
+WIRE_NAME = {"ls": "latency_sensitive", "be": "best_effort"}
+"""How the runner must name each class in the body's `priority` and the x-qllm-priority header."""
 
 SMALL = WorkloadSettings(
     num_requests=8,
@@ -135,7 +138,7 @@ async def test_runner_streams_a_workload_with_priorities(server: Server) -> None
     # The class travels in the body and in the header, named as the API names it.
     sent = sorted(server.seen.requests)
     expected = sorted(
-        (API_PRIORITY[s.priority], API_PRIORITY[s.priority], s.prompt_len or 0, s.max_tokens) for s in workload.requests
+        (WIRE_NAME[s.priority], WIRE_NAME[s.priority], s.prompt_len or 0, s.max_tokens) for s in workload.requests
     )
     assert sent == expected
     assert {p for p, *_ in sent} == {"latency_sensitive", "best_effort"}

@@ -10,12 +10,14 @@ import pytest
 from benchmarks.metrics import (
     Breakdown,
     Distribution,
+    EngineCounts,
     MetricsError,
     RequestRecord,
     min_samples,
     percentile,
     summarize,
 )
+from benchmarks.workload import Priority
 from qllm_core.timeline import Timeline
 
 
@@ -162,3 +164,66 @@ def test_summary_rejects_bad_input() -> None:
         summarize([rec(0, "ls", 0, 0.1, 0.2, 2)], slo_s=0)
     with pytest.raises(MetricsError, match="without requests"):
         summarize([], slo_s=1.0)
+
+
+def _timed(i: int, priority: Priority, sent: float, times: list[float], error: str | None = None) -> RequestRecord:
+    """A request whose tokens arrived at `times` (a failed one keeps what it got, with no finish)."""
+    done = None if error else times[-1]
+    return RequestRecord(
+        i,
+        priority,
+        sent,
+        sent,
+        times[0],
+        done,
+        len(times),
+        10,
+        error,
+        token_times_s=tuple(times),
+    )
+
+
+def test_inter_token_latency_pools_every_gap_of_the_completed_requests_of_a_class() -> None:
+    records = [
+        _timed(0, "ls", 0.0, [0.5, 0.6, 0.8, 1.4]),  # gaps 0.1, 0.2, 0.6: a stall TPOT averages away
+        _timed(1, "ls", 0.0, [0.3, 0.4]),  # gap 0.1
+        _timed(2, "ls", 0.0, [0.2, 0.9, 5.0], error="cut"),  # failed: its gaps are not an answer's
+        _timed(3, "ls", 0.0, [0.7]),  # one token: no gap
+        _timed(4, "be", 0.0, [1.0, 3.0]),
+    ]
+    assert records[0].inter_token_gaps_s == pytest.approx((0.1, 0.2, 0.6))
+    assert records[2].inter_token_gaps_s == ()
+    m = summarize(records, slo_s=1.0)
+    itl = m.ls.inter_token
+    assert itl is not None and itl.count == 4
+    assert (itl.p50, itl.max) == (pytest.approx(0.15), pytest.approx(0.6))
+    assert m.ls.tpot is not None and m.ls.tpot.max == pytest.approx(0.9 / 3)
+    assert m.be.inter_token is not None and m.be.inter_token.mean == pytest.approx(2.0)
+
+
+def test_goodput_counts_requests_meeting_the_ttft_and_tpot_slos_together() -> None:
+    records = [
+        _timed(0, "ls", 0.0, [0.1, 0.2, 0.3]),  # TTFT 0.1, TPOT 0.1: meets both
+        _timed(1, "ls", 0.0, [0.6, 0.7]),  # TTFT 0.6: misses the TTFT SLO
+        _timed(2, "ls", 0.0, [0.1, 0.5]),  # TPOT 0.4: misses the TPOT SLO
+        _timed(3, "ls", 0.0, [0.2]),  # one token: TTFT alone decides, met
+        _timed(4, "be", 0.0, [0.1, 0.15, 0.2, 0.25, 4.0]),  # TTFT 0.1, TPOT 0.975: misses
+        _timed(5, "be", 0.0, [0.1, 0.2], error="cut"),  # failed: never good
+    ]
+    m = summarize(records, slo_s=0.5, tpot_slo_s=0.2)
+    assert m.duration_s == pytest.approx(4.0)
+    assert m.ls.goodput_rps == pytest.approx(2 / 4.0)
+    assert m.be.goodput_rps == pytest.approx(0.0)
+    assert m.goodput_rps == pytest.approx(2 / 4.0)
+    assert (m.tpot_slo_s, summarize(records, slo_s=0.5).goodput_rps) == (0.2, None)  # no TPOT SLO: no goodput
+    with pytest.raises(MetricsError, match="tpot_slo_s"):
+        summarize(records, slo_s=0.5, tpot_slo_s=-1.0)
+
+
+def test_engine_counts_of_a_run_are_the_difference_of_two_readings() -> None:
+    before, after = EngineCounts(passes=10, preemptions=2, merges=1), EngineCounts(35, 7, 1)
+    run = after.since(before)
+    assert run == EngineCounts(25, 5, 0)
+    m = summarize([_timed(0, "ls", 0.0, [0.1, 0.2])], slo_s=1.0, engine=run)
+    assert m.engine == run
+    assert summarize([_timed(0, "ls", 0.0, [0.1, 0.2])], slo_s=1.0).engine is None  # an HTTP target shows none

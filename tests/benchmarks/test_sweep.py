@@ -71,10 +71,14 @@ def test_json_has_one_record_per_rate_policy_and_seed(sweep_dir: Path) -> None:
     assert meta["slo_source"] == "measured"
     assert meta["decode_iteration_s"] > 0
     assert meta["slo_s"] == pytest.approx(10 * meta["decode_iteration_s"])
+    assert meta["tpot_slo_s"] == pytest.approx(3 * meta["decode_iteration_s"])
     assert meta["settings"]["rates"] == [20.0, 40.0] and meta["settings"]["seeds"] == list(SEEDS)
     assert meta["settings"]["engine_overrides"] == {"device": "cpu"}
     assert meta["capacity"] is None and meta["dataset"] is None
     records = data["records"]
+    # The isolated-TTFT grid spans every prompt of the sweep (all seeds; a seed's lengths are the same at every rate).
+    workloads = [poisson_workload(dataclasses.replace(WORKLOAD, seed=seed), 20) for seed in SEEDS]
+    lens = [n for w in workloads for s in w.requests if (n := s.prompt_len) is not None]
     assert sorted((r["label"], r["rate"], r["seed"]) for r in records) == sorted(
         (label, float(rate), seed) for label, rate in LABELS for seed in SEEDS
     )
@@ -88,8 +92,13 @@ def test_json_has_one_record_per_rate_policy_and_seed(sweep_dir: Path) -> None:
         assert m["requests_per_s"] > 0 and m["output_tokens_per_s"] > 0
         calibration = r["calibration"]
         grid = calibration["before"]["prompt_lens"]
-        assert grid[0] == min(s.prompt_len for s in expected if s.prompt_len) or grid[0] < grid[-1]
-        assert len(grid) <= 3 and calibration["before"]["trials"] == 2
+        assert (grid[0], grid[-1]) == (min(lens), max(lens))
+        assert len(grid) == 3 and calibration["before"]["trials"] == 2
+        # Each request was in at least one pass per token it produced, and nothing here preempts under fcfs.
+        assert m["engine"]["passes"] >= max(s.max_tokens for s in expected)
+        if r["label"] == "fcfs:iteration":
+            assert m["engine"]["preemptions"] == 0
+        assert m["tpot_slo_s"] == meta["tpot_slo_s"]
         assert calibration["drift"]["ratios"] == pytest.approx(
             [a / b for a, b in zip(calibration["after"]["ttft_s"], calibration["before"]["ttft_s"], strict=True)]
         )
@@ -100,6 +109,9 @@ def test_json_has_one_record_per_rate_policy_and_seed(sweep_dir: Path) -> None:
             assert got["output_tokens"] == spec.max_tokens
             assert got["prompt_tokens"] == spec.prompt_len
             assert got["sent_s"] <= got["first_token_s"] <= got["finished_s"]
+            times = got["token_times_s"]
+            assert len(times) == spec.max_tokens and times == sorted(times)
+            assert (times[0], times[-1]) == (got["first_token_s"], got["finished_s"])
             assert got["slowdown"] == pytest.approx(got["ttft_s"] / got["isolated_ttft_s"])
             timeline = got["timeline"]
             assert timeline["ttft_s"] <= got["ttft_s"]
@@ -140,6 +152,12 @@ def test_markdown_has_a_row_per_point_and_per_run(sweep_dir: Path) -> None:
         for seed in SEEDS:
             assert sum(row.startswith(f"| {label} | {rate} | {seed} | 6/6 |") for row in rows) == 1, rows
     assert "## Where LS time to first token went" in text and "## LS goodput" in text
+    assert f"TPOT <= {data['meta']['tpot_slo_s'] * 1000:.1f} ms" in text
+    # The whole-answer table: a row per point; engine counts present for in-process targets.
+    answer = text.split("## The whole answer", 1)[1].split("##", 1)[0]
+    for label, rate in LABELS:
+        (row,) = [line for line in answer.splitlines() if line.startswith(f"| {label} | {rate} | ")]
+        assert row.count("|") == 14 and " - |" not in row.rsplit("|", 4)[1], row
 
 
 @pytest.mark.parametrize("name", ["ls_ttft.png", "throughput.png", "turnaround.png", "ls_slowdown_cdf.png"])
