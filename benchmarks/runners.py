@@ -298,14 +298,7 @@ class HttpRunner(Runner):
                 text = (await resp.aread()).decode("utf-8", errors="replace")
                 raise EndpointError(f"HTTP {resp.status_code} from {url}: {text[:300]}")
             count = 0
-            async for raw in resp.aiter_lines():
-                line = raw.strip()
-                if not line.startswith("data:"):
-                    continue  # SSE comments, event names and the blank separators
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    return
-                chunk = _parse_chunk(data)
+            async for chunk in sse_chunks(resp):
                 if chunk.get("choices"):
                     count += 1
                 usage = chunk.get("usage") or {}
@@ -313,7 +306,20 @@ class HttpRunner(Runner):
                     count = max(count, usage["completion_tokens"])
                 prompt_tokens = usage.get("prompt_tokens")
                 yield StreamEvent(count, prompt_tokens if isinstance(prompt_tokens, int) else None)
-            raise EndpointError("the stream ended without 'data: [DONE]'")
+
+
+async def sse_chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`; EndpointError when
+    the stream ends without it or a chunk is no JSON object or reports an error."""
+    async for raw in resp.aiter_lines():
+        line = raw.strip()
+        if not line.startswith("data:"):
+            continue  # SSE comments, event names and the blank separators
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            return
+        yield _parse_chunk(data)
+    raise EndpointError("the stream ended without 'data: [DONE]'")
 
 
 def _parse_chunk(data: str) -> dict[str, Any]:

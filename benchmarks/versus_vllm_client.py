@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.runners import BenchmarkError, EndpointError, HttpSettings, Runner, StreamEvent, _parse_chunk
+from benchmarks.runners import BenchmarkError, EndpointError, HttpSettings, Runner, StreamEvent, sse_chunks
 from benchmarks.workload import Priority, RequestSpec
 from qllm_core.request import PriorityClass
 
@@ -171,17 +171,3 @@ class StreamingRunner(Runner):
                     StreamEvent(count, prompt if isinstance(prompt, int) else None),
                     chunk_id if isinstance(chunk_id, str) else None,
                 )
-
-
-async def sse_chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`; EndpointError when
-    the stream ends without it or a chunk is no JSON object or reports an error."""
-    async for raw in resp.aiter_lines():
-        line = raw.strip()
-        if not line.startswith("data:"):
-            continue  # SSE comments, event names and the blank separators
-        data = line[len("data:") :].strip()
-        if data == "[DONE]":
-            return
-        yield _parse_chunk(data)
-    raise EndpointError("the stream ended without 'data: [DONE]'")
