@@ -5,7 +5,10 @@ Each settings class raises its own error type (so a caller catches what it knows
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from typing import Any
 
 
 def is_number(value: object) -> bool:
@@ -25,3 +28,14 @@ def positive(name: str, value: object, error: type[ValueError], integer: bool = 
         return
     what = "a positive integer" if integer else "a positive number"
     raise error(f"{name} must be {what}{' of ' + unit if unit else ''}, got {value!r}")
+
+
+def json_object(parser: argparse.ArgumentParser, flag: str, text: str) -> dict[str, Any]:
+    """A command-line option's JSON object; a usage error naming `flag` when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        parser.error(f"{flag} is not valid JSON: {exc.msg}")
+    if not isinstance(value, dict):
+        parser.error(f"{flag} must be a JSON object")
+    return value

@@ -15,14 +15,13 @@ import argparse
 import dataclasses
 import datetime
 import enum
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from benchmarks.azure import AZURE_DATASETS
 from benchmarks.checkpoint import Checkpoint
+from benchmarks.checks import json_object
 from benchmarks.runners import BenchmarkError
 from benchmarks.script_args import RESULTS_DIR
 from benchmarks.sharegpt import DatasetError, TokenCounting
@@ -148,6 +147,11 @@ def _load_arguments(load: argparse._ArgumentGroup) -> None:
     seeds = load.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed of arrivals, classes, lengths and prompts")
     seeds.add_argument("--seeds", default=None, help="comma-separated seeds, each a run of every point (default 0)")
+    _source_arguments(load)
+
+
+def _source_arguments(load: argparse._ArgumentGroup) -> None:
+    """Where request lengths and arrivals come from, when not from the synthetic workload."""
     load.add_argument(
         "--trace",
         type=Path,
@@ -270,16 +274,6 @@ def _output_arguments(output: argparse._ArgumentGroup) -> None:
     output.add_argument("--quiet", action="store_true", help="do not print the Markdown table at the end")
 
 
-def _json_object(parser: argparse.ArgumentParser, flag: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        parser.error(f"{flag} is not valid JSON: {exc.msg}")
-    if not isinstance(value, dict):
-        parser.error(f"{flag} must be a JSON object")
-    return value
-
-
 def _lengths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[LengthDistribution, ...]:
     """The lognormal prompt and output lengths, each option falling back to the workload's default."""
     if args.dataset is not None:
@@ -329,7 +323,7 @@ def _ms(value: float | None) -> float | None:
 
 def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SweepSettings:
     """Turn parsed arguments into validated settings (bad values exit with the settings' own message)."""
-    overrides = _json_object(parser, "--engine-config", args.engine_config)
+    overrides = json_object(parser, "--engine-config", args.engine_config)
     overrides |= {key: getattr(args, key) for key in ("device", "dtype", "max_batch_size") if getattr(args, key)}
     try:
         seeds = (args.seed,) if args.seed is not None else parse_seeds(args.seeds) if args.seeds else _S.seeds
@@ -348,7 +342,7 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             trace=args.trace,
             endpoint=args.endpoint,
             endpoint_label=args.endpoint_label,
-            extra_body=_json_object(parser, "--extra-body", args.extra_body),
+            extra_body=json_object(parser, "--extra-body", args.extra_body),
             engine_overrides=overrides,
             engine_host=EngineHost(args.engine_host),
             slo_s=_ms(args.slo_ms),

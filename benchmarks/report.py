@@ -79,6 +79,34 @@ def _mean_p90(d: Distribution, scale: float, digits: int) -> str:
     return f"{d.mean * scale:.{digits}f} / {p90}"
 
 
+def _lengths_lines(result: SweepResult) -> list[str]:
+    """Where the requests' lengths came from."""
+    s = result.settings
+    w = s.workload
+    if result.dataset is not None:
+        d = result.dataset
+        cut = "the file ends in the middle of the next record" if d.truncated else "the whole file"
+        cap = s.dataset.max_tokens_cap if s.dataset is not None else None
+        return [
+            f"- Lengths: ShareGPT `{d.path}`: {d.records_read} whole records read ({cut}); "
+            f"{d.without_pair} without a human turn answered by gpt, {d.too_short} under 4 tokens, "
+            f"{d.prompt_too_long} prompts over 1024, {d.total_too_long} over 2048 with the reply (vLLM's filters); "
+            f"{d.pairs_kept} pairs kept, mean prompt {d.mean_prompt_len:.1f} and reply {d.mean_reply_len:.1f} tokens, "
+            f"counted with {d.token_counting}",
+            "- Replies: each request asks for its pair's reply length (EOS ignored)"
+            + ("" if cap is None else f", capped at {cap} tokens"),
+        ]
+    if s.trace is not None:
+        return [f"- Lengths: trace `{s.trace}`"]
+    if s.dataset is not None and s.dataset.replayed:
+        replies = "" if s.dataset.max_tokens_cap is None else f", replies at {s.dataset.max_tokens_cap} tokens"
+        return [f"- Lengths: {s.dataset.name}, {AZURE_ATTRIBUTION}; capped to the model's context{replies}"]
+    return [
+        f"- Lengths: lognormal prompts (mean {w.prompt_len.mean:g}, cap {w.prompt_len.cap}) and replies "
+        f"(mean {w.max_tokens.mean:g}, cap {w.max_tokens.cap}) tokens"
+    ]
+
+
 def _header(result: SweepResult) -> list[str]:
     s, m = result.settings, result.machine
     decode_ms = result.decode_iteration_s * 1000
@@ -104,29 +132,7 @@ def _header(result: SweepResult) -> list[str]:
         f"GPU {m.cuda or 'none'}",
         f"- Targets: {host}",
     ]
-    if result.dataset is not None:
-        d = result.dataset
-        cut = "the file ends in the middle of the next record" if d.truncated else "the whole file"
-        cap = s.dataset.max_tokens_cap if s.dataset is not None else None
-        lines += [
-            f"- Lengths: ShareGPT `{d.path}`: {d.records_read} whole records read ({cut}); "
-            f"{d.without_pair} without a human turn answered by gpt, {d.too_short} under 4 tokens, "
-            f"{d.prompt_too_long} prompts over 1024, {d.total_too_long} over 2048 with the reply (vLLM's filters); "
-            f"{d.pairs_kept} pairs kept, mean prompt {d.mean_prompt_len:.1f} and reply {d.mean_reply_len:.1f} tokens, "
-            f"counted with {d.token_counting}",
-            "- Replies: each request asks for its pair's reply length (EOS ignored)"
-            + ("" if cap is None else f", capped at {cap} tokens"),
-        ]
-    elif s.trace is not None:
-        lines.append(f"- Lengths: trace `{s.trace}`")
-    elif s.dataset is not None and s.dataset.replayed:
-        replies = "" if s.dataset.max_tokens_cap is None else f", replies at {s.dataset.max_tokens_cap} tokens"
-        lines.append(f"- Lengths: {s.dataset.name}, {AZURE_ATTRIBUTION}; capped to the model's context{replies}")
-    else:
-        lines.append(
-            f"- Lengths: lognormal prompts (mean {w.prompt_len.mean:g}, cap {w.prompt_len.cap}) and replies "
-            f"(mean {w.max_tokens.mean:g}, cap {w.max_tokens.cap}) tokens"
-        )
+    lines += _lengths_lines(result)
     seeds = ",".join(str(x) for x in s.seeds)
     replayed = s.trace is not None or (s.dataset is not None and s.dataset.replayed)
     lines.append(
