@@ -168,7 +168,9 @@ def calibrate_engine(engine: EngineLike, budget_s: float = CALIBRATION_BUDGET_S,
     max_rows = config.max_batch_size
     max_context = min(engine.loaded.max_model_len, capacity // max_rows)
     shapes = calibration_shapes(min(config.max_batched_tokens, capacity), max_rows, max_context, config.chunk_tokens)
-    fits_pool = [s for s in shapes if sum(engine.kv.blocks_for(start + n) for start, n in s) <= engine.kv.free_blocks]
+    fits_pool = [
+        s for s in shapes if sum(engine.kv.request_blocks(start + n) for start, n in s) <= engine.kv.free_blocks
+    ]
     started = time.perf_counter()
     device = device_name(engine.loaded.device)
     fitted = calibrate(PassTimer(engine), fits_pool, config.model, device, budget_s, max_repeats)
