@@ -302,7 +302,9 @@ class ForwardPass:
             return AttentionBatch.for_decode(
                 self._kv, [e.request.request_id for e in self.entries], [e.start for e in self.entries]
             )
-        return AttentionBatch.for_runs(self._kv, [(e.request.request_id, e.start, len(e.token_ids)) for e in self.entries])
+        return AttentionBatch.for_runs(
+            self._kv, [(e.request.request_id, e.start, len(e.token_ids)) for e in self.entries]
+        )
 
     # ---- changing the batch between layers -------------------------------------------------------------
     def remove(self, request_ids: Collection[str]) -> list[PassEntry]:
