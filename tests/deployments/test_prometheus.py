@@ -8,6 +8,7 @@ and its start, taken with PromQL's `@` modifier (exact; `increase()` would extra
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 import shutil
@@ -93,6 +94,11 @@ def _query(url: str, promql: str, at: float) -> list[dict]:
 def _scalar(url: str, promql: str, at: float) -> float:
     result = _query(url, promql, at)
     return 0.0 if not result else float(result[0]["value"][1])
+
+
+def _summed_delta(selector: str, start: float, end: float) -> str:
+    """PromQL for how much all series of `selector` grew together from `start` to `end`."""
+    return f"sum({_delta(selector, start, end)})"
 
 
 def _delta(selector: str, start: float, end: float) -> str:
@@ -195,7 +201,12 @@ def test_promql_over_the_run_agrees_with_the_client(serve_app: str, prometheus: 
         now = time.time()
         series = {at: _query(prometheus, f"{finished % BE} @ {at:.3f}", now) for at in (start, now)}
         raise AssertionError(f"BE finished counters at start and now: {series}") from None
-    end = _wait_for(prometheus, lambda now: f"sum({_delta(finished % LS, start, now)})", LS_REQUESTS)
+    # The router's counters come from another process than the engines', exported on its own clock: wait
+    # for each, in turn, and read everything at the last of those instants (counters only grow after it).
+    placed = f'ray_qllm_router_placements_total{{{app}, priority_class="%s"}}'
+    end = start
+    for selector, want in ((finished % LS, LS_REQUESTS), (placed % LS, LS_REQUESTS), (placed % BE, BE_REQUESTS)):
+        end = _wait_for(prometheus, functools.partial(_summed_delta, selector, start), want)
 
     def delta_sum(selector: str, by: str = "") -> float:
         return _scalar(prometheus, f"sum{by}({_delta(selector, start, end)})", end)
@@ -204,8 +215,8 @@ def test_promql_over_the_run_agrees_with_the_client(serve_app: str, prometheus: 
     tokens = "ray_qllm_generation_tokens_total{%s, priority_class=%r}"
     assert delta_sum(tokens % (app, LS)) == sum(ls_tokens)
     assert delta_sum(tokens % (app, BE)) == sum(be_tokens)
-    assert delta_sum(f'ray_qllm_router_placements_total{{{app}, priority_class="{LS}"}}') == LS_REQUESTS
-    assert delta_sum(f'ray_qllm_router_placements_total{{{app}, priority_class="{BE}"}}') == BE_REQUESTS
+    assert delta_sum(placed % LS) == LS_REQUESTS
+    assert delta_sum(placed % BE) == BE_REQUESTS
     assert delta_sum(f'ray_qllm_time_to_first_token_seconds_count{{{app}, priority_class="{LS}"}}') == LS_REQUESTS
 
     # LS TTFT p99 over the run from the histogram buckets, against the client's own requests. The engine
