@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from ray import serve
@@ -48,13 +51,33 @@ def wait_until_idle(app: str = "qllm", timeout: float = 30.0) -> dict[str, tuple
         time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class StreamRead:
+    """One streamed completion as the client read it."""
+
+    chunks: int
+    """Chunks that carried text (a chunk carries one or more tokens' text)."""
+    error: dict[str, Any] | None
+    """The OpenAI error object of the error event, if one came."""
+    done: bool
+    """Whether the closing `data: [DONE]` came."""
+    first_at: float | None
+    """When (monotonic) the first chunk with text came."""
+    usage_tokens: int | None
+    """Completion tokens from the usage chunk (`stream_options.include_usage`), if one came."""
+
+    @property
+    def error_code(self) -> str | None:
+        """The error event's code, None without one."""
+        return None if self.error is None else str(self.error["code"])
+
+
 async def read_stream(
     client: httpx.AsyncClient, url: str, body: dict[str, object], started: asyncio.Event | None = None
-) -> dict[str, object]:
-    """One streamed call read to its end: chunks with text ("tokens"), the error event if one came, and
-    whether [DONE] came. `started` is set at the first chunk. A non-200 answer, a transport error or a
-    timeout raises: only an error event followed by [DONE] counts as an explicit end."""
-    tokens, error, done = 0, None, False
+) -> StreamRead:
+    """One streamed call read to its end. `started` is set at the first chunk with text. A non-200 answer, a
+    transport error or a timeout raises: only an error event followed by [DONE] counts as an explicit end."""
+    chunks, error, done, first_at, usage = 0, None, False, None, None
     async with client.stream("POST", url, json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
@@ -64,8 +87,32 @@ async def read_stream(
                 event = json.loads(line[6:])
                 if "error" in event:
                     error = event["error"]
-                else:
-                    tokens += 1
-                    if started is not None:
-                        started.set()
-    return {"tokens": tokens, "error": error, "done": done}
+                elif event["choices"]:
+                    if event["choices"][0]["text"]:
+                        chunks += 1
+                        first_at = time.monotonic() if first_at is None else first_at
+                        if started is not None:
+                            started.set()
+                elif event.get("usage"):
+                    usage = int(event["usage"]["completion_tokens"])
+    return StreamRead(chunks, error, done, first_at, usage)
+
+
+StreamOpener = Callable[[int, asyncio.Event], Coroutine[Any, Any, StreamRead]]
+"""Opens stream `i` and reads it to its end, setting the event at its first chunk with text."""
+
+
+async def open_spread(opener: StreamOpener, app: str, least: int, most: int = 24) -> list[asyncio.Task[StreamRead]]:
+    """Open streams one by one, each seen streaming before the next (so load reports spread them), until
+    `least` are open and every engine replica of `app` holds some, or `most` are open. Placement follows
+    load reports, which lag: a fixed count of streams all landed on one replica now and then."""
+    tasks: list[asyncio.Task[StreamRead]] = []
+    while len(tasks) < most:
+        started = asyncio.Event()
+        tasks.append(asyncio.create_task(opener(len(tasks), started)))
+        await asyncio.wait_for(started.wait(), timeout=60)
+        if len(tasks) >= least:
+            now = await asyncio.to_thread(replica_stats, app)
+            if now and all(held(s)[1] > 0 for s in now.values()):
+                break
+    return tasks

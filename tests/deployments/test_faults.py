@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
@@ -12,13 +11,13 @@ import ray
 from ray import serve
 
 from tests.deployments.conftest import APP_ARGS, engine_replica_actors, wait_healthy
-from tests.deployments.live import read_stream
+from tests.deployments.live import StreamRead, open_spread, read_stream
 from tests.deployments.logs import serve_log_text
 
 pytestmark = pytest.mark.integration
 
 
-async def _stream(client: httpx.AsyncClient, base: str, i: int, started: asyncio.Event) -> dict[str, object]:
+async def _stream(client: httpx.AsyncClient, base: str, i: int, started: asyncio.Event) -> StreamRead:
     """One long stream (a transport error or a timeout fails the test: see `read_stream`)."""
     body = {
         "prompt": f"request {i}",
@@ -30,13 +29,9 @@ async def _stream(client: httpx.AsyncClient, base: str, i: int, started: asyncio
     return await read_stream(client, f"{base}/v1/completions", body, started)
 
 
-async def _run_and_kill(base: str, victim_name: str, n: int = 16) -> list[dict[str, object]]:
+async def _run_and_kill(base: str, victim_name: str, least: int = 16) -> list[StreamRead]:
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100), timeout=90) as client:
-        tasks = []
-        for i in range(n):  # each seen streaming before the next: load reports spread them over both replicas
-            started = asyncio.Event()
-            tasks.append(asyncio.create_task(_stream(client, base, i, started)))
-            await asyncio.wait_for(started.wait(), timeout=60)
+        tasks = await open_spread(lambda i, started: _stream(client, base, i, started), "qllm", least)
         ray.kill(ray.get_actor(victim_name, namespace="serve"), no_restart=True)
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
 
@@ -47,13 +42,13 @@ def test_killed_engine_replica_hangs_nothing_and_is_replaced(serve_app: str) -> 
     results = asyncio.run(_run_and_kill(serve_app, victims[0]))
     for r in results:
         # Every stream ended with [DONE]: in full, or after an explicit replica_failed error event.
-        assert r["done"], r
-        if r["error"] is None:
-            assert isinstance(r["tokens"], int) and r["tokens"] >= 300 // 8, r  # chunks carry one or more tokens' text
+        assert r.done, r
+        if r.error is None:
+            assert r.chunks >= 300 // 8, r  # chunks carry one or more tokens' text
         else:
-            assert r["error"]["code"] == "replica_failed", r  # type: ignore[index]
-    assert any(r["error"] is None for r in results), "the surviving replica must finish its streams"
-    assert any(r["error"] is not None for r in results), "the victim's streams must have been cut"
+            assert r.error_code == "replica_failed", r
+    assert any(r.error is None for r in results), "the surviving replica must finish its streams"
+    assert any(r.error is not None for r in results), "the victim's streams must have been cut"
     ok = httpx.post(f"{serve_app}/v1/completions", json={"prompt": "after", "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200
     wait_healthy(serve_app, APP_ARGS["replicas"])  # type: ignore[arg-type]
@@ -105,8 +100,8 @@ def _both_batches_full(timeout: float = 60) -> bool:
     return False
 
 
-async def _short_stream(client: httpx.AsyncClient, base: str) -> tuple[float | None, int, str | None, bool]:
-    """A streamed 2-token BE request: when its first token came (monotonic), tokens, error, [DONE] seen."""
+async def _short_stream(client: httpx.AsyncClient, base: str) -> StreamRead:
+    """A streamed 2-token BE request, its usage reported."""
     body = {
         "prompt": "x",
         "max_tokens": 2,
@@ -115,28 +110,12 @@ async def _short_stream(client: httpx.AsyncClient, base: str) -> tuple[float | N
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    first, tokens, error, done = None, 0, None, False
-    async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                parsed = json.loads(line[6:])
-                if "error" in parsed:
-                    error = parsed["error"]["message"]
-                elif parsed["choices"]:
-                    first = time.monotonic() if first is None else first
-                else:  # the usage chunk, last
-                    tokens = parsed["usage"]["completion_tokens"]
-    return first, tokens, error, done
+    return await read_stream(client, f"{base}/v1/completions", body)
 
 
-async def _full_then_queued(
-    base: str, victim: str
-) -> tuple[list[httpx.Response], list[tuple[float | None, int, str | None, bool]], float, bool]:
+async def _full_then_queued(base: str, victim: str) -> tuple[list[httpx.Response], list[StreamRead], float, bool]:
     """Fill both replicas' batches (32 each) with long decodes, queue more behind them, then kill one."""
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=200)) as client:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=200), timeout=120) as client:
 
         def post() -> asyncio.Task[httpx.Response]:
             body = {"prompt": "x", "max_tokens": 300, "priority": "be", "ignore_eos": True}
@@ -165,18 +144,19 @@ def test_killing_a_replica_under_full_batches_ends_every_request_explicitly(serv
         # soonest, and each placement counts against its replica), so some waited on the victim, with no
         # token yet, and were placed again.
         assert placed_again >= 1, "no request was placed again after its replica died before its first token"
-    for first, tokens, error, done in queued:
-        assert done, (first, tokens, error)  # every stream ends with [DONE], none hangs
+    for q in queued:
+        assert q.done, q  # every stream ends with [DONE], none hangs
         # A token the ingress had sent before the kill may reach the client just after it: a second's grace.
-        started_before_kill = first is not None and first < killed_at + 1.0
+        started_before_kill = q.first_at is not None and q.first_at < killed_at + 1.0
+        whole = q.usage_tokens == 2 and q.error is None
         if full:
             # No slot was free anywhere, so none had started: each was answered in full, placed again if
             # it waited on the victim.
-            assert (tokens, error) == (2, None) and not started_before_kill, (first, killed_at, tokens, error)
+            assert whole and not started_before_kill, (killed_at, q)
         else:
             # (Rare: a very uneven split left slots free, and a queued request may have started on the
             # victim.) Whatever started after the kill was answered in full; the rest explicitly.
-            assert (tokens, error) == (2, None) or (started_before_kill and error), (first, tokens, error)
+            assert whole or (started_before_kill and q.error is not None), q
     # Those cut mid-way got an explicit 503 replica_failed; the rest their whole answer. Never a hang or a
     # short answer; and both happened (the victim's were cut, the survivor's finished).
     for r in running:

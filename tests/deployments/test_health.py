@@ -4,8 +4,9 @@ it, while every request that was in flight there ends with an explicit error (or
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from deployments.replica import EngineReplica
 from deployments.settings import AppSettings
 from qllm_core.errors import ConfigError, EngineStalledError
 from tests.deployments.conftest import engine_replica_actors, wait_healthy
+from tests.deployments.live import StreamRead, open_spread, read_stream
 
 LONG = 400
 """Tokens per long request: enough that every one is still decoding when the loop is killed."""
@@ -66,23 +68,10 @@ def test_the_stall_bound_defaults_to_a_minute_and_must_be_positive() -> None:
         AppSettings.from_dict({"engine_stall_timeout_s": 0})
 
 
-async def _stream(client: httpx.AsyncClient, base: str, i: int, started: asyncio.Event) -> dict[str, object]:
+async def _stream(client: httpx.AsyncClient, base: str, i: int, started: asyncio.Event) -> StreamRead:
     body = {"prompt": f"stream {i}", "max_tokens": LONG, "stream": True, "ignore_eos": True}
     body["priority"] = "ls" if i % 2 else "be"
-    tokens, error, done = 0, None, False
-    async with client.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-            elif "error" in (event := json.loads(line[6:])):
-                error = event["error"]
-            elif event["choices"][0]["text"]:
-                tokens += 1
-                started.set()
-    return {"tokens": tokens, "error": error, "done": done}
+    return await read_stream(client, f"{base}/v1/completions", body, started)
 
 
 async def _post(client: httpx.AsyncClient, base: str, max_tokens: int) -> httpx.Response:
@@ -90,15 +79,16 @@ async def _post(client: httpx.AsyncClient, base: str, max_tokens: int) -> httpx.
     return await client.post(f"{base}/v1/completions", json=body, timeout=120)
 
 
-async def _kill_loop_under_load(base: str) -> tuple[str, list[dict[str, object]], list[httpx.Response]]:
+async def _kill_loop_under_load(base: str) -> tuple[str, list[StreamRead], list[httpx.Response]]:
     """Long streams and whole answers on both replicas; kill one engine loop; requests keep arriving."""
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as client:
-        streams, whole = [], []
-        for i in range(STREAMS):  # one by one, each seen streaming, so that load reports spread them over both replicas
-            started = asyncio.Event()
-            streams.append(asyncio.create_task(_stream(client, base, i, started)))
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100), timeout=120) as client:
+        whole: list[asyncio.Task[httpx.Response]] = []
+
+        def opener(i: int, started: asyncio.Event) -> Coroutine[Any, Any, StreamRead]:
             whole.append(asyncio.create_task(_post(client, base, LONG)))
-            await asyncio.wait_for(started.wait(), timeout=60)
+            return _stream(client, base, i, started)
+
+        streams = await open_spread(opener, "faulty", least=STREAMS)
         handle = serve.get_deployment_handle("EngineReplica", app_name="faulty")
         victim = await handle.kill_engine_loop.remote()
         after = [asyncio.create_task(_post(client, base, 4)) for _ in range(AFTER)]
@@ -113,15 +103,15 @@ def test_a_dead_engine_loop_ends_its_requests_explicitly_and_serve_replaces_the_
     victim, streams, answers = asyncio.run(_kill_loop_under_load(faulty_app))
     assert any(victim in name for name in before)
     for s in streams:  # each stream ended with [DONE]: in full, or after an explicit error event
-        assert s["done"], s
-        if s["error"] is None:
-            assert isinstance(s["tokens"], int) and s["tokens"] >= LONG // 8, s  # chunks carry 1+ tokens' text
+        assert s.done, s
+        if s.error is None:
+            assert s.chunks >= LONG // 8, s  # chunks carry 1+ tokens' text
         else:
-            assert s["error"]["code"] == "replica_failed" and s["error"]["message"], s  # type: ignore[index]
-    assert any(s["error"] for s in streams), "the victim's streams must have been cut"
-    assert any(s["error"] is None for s in streams), "the other replica must finish its streams"
+            assert s.error_code == "replica_failed" and s.error["message"], s
+    assert any(s.error for s in streams), "the victim's streams must have been cut"
+    assert any(s.error is None for s in streams), "the other replica must finish its streams"
     # Whole answers: complete, or an explicit 503 (cut mid-way, or every placement landed on the victim).
-    for r, asked in zip(answers, [LONG] * STREAMS + [4] * AFTER, strict=True):
+    for r, asked in zip(answers, [LONG] * len(streams) + [4] * AFTER, strict=True):
         assert r.status_code in (200, 503), r.text
         if r.status_code == 200:
             assert r.json()["usage"]["completion_tokens"] == asked

@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.protocol import PlacementHint
 from qllm_core import PriorityClass
-from tests.deployments.live import read_stream, replica_ids, wait_until_idle
+from tests.deployments.live import StreamRead, open_spread, read_stream, replica_ids, wait_until_idle
 from tests.deployments.logs import serve_log_text
 
 pytestmark = pytest.mark.integration
@@ -54,20 +54,17 @@ def test_a_lone_surrogate_is_a_400_from_the_replica_not_a_dead_replica(
     assert ok.status_code == 200, ok.text  # the same call with valid text is served
 
 
-async def _streams(base: str, count: int, victim: str) -> list[dict[str, object]]:
-    """`count` long streams; once each has a token, the next engine step of replica `victim` raises."""
+async def _streams(base: str, least: int, victim: str) -> list[StreamRead]:
+    """At least `least` long streams on both replicas; once each has a token, the next engine step of replica
+    `victim` raises."""
 
-    async def one(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> dict[str, object]:
+    async def one(client: httpx.AsyncClient, i: int, started: asyncio.Event) -> StreamRead:
         body = {"prompt": f"s{i}", "max_tokens": 400, "stream": True, "ignore_eos": True}
         body["priority"] = "ls" if i % 2 else "be"
         return await read_stream(client, f"{base}/v1/completions", body, started)
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50), timeout=120) as client:
-        tasks = []
-        for i in range(count):
-            started = asyncio.Event()
-            tasks.append(asyncio.create_task(one(client, i, started)))
-            await asyncio.wait_for(started.wait(), timeout=60)
+        tasks = await open_spread(lambda i, started: one(client, i, started), "faulty", least)
         handle = serve.get_deployment_handle("EngineReplica", app_name="faulty")
         hint = PlacementHint(PriorityClass.LATENCY_SENSITIVE, ranking=(victim,))
         assert await handle.fail_next_step.remote(placement=hint) == victim
@@ -77,12 +74,12 @@ async def _streams(base: str, count: int, victim: str) -> list[dict[str, object]
 def test_a_step_that_raises_fails_its_requests_explicitly_frees_kv_and_the_replica_serves_on(faulty_app: str) -> None:
     before = replica_ids("faulty")
     results = asyncio.run(_streams(faulty_app, 6, before[0]))
-    failed = [r for r in results if r["error"] is not None]
+    failed = [r for r in results if r.error is not None]
     assert failed, f"no stream was on the replica whose step raised: {results}"
     for r in results:
-        assert r["done"], r  # every stream ended with [DONE]: in full, or after an explicit error event
-        if r["error"] is not None:
-            assert r["error"]["code"] == "replica_failed" and r["error"]["message"], r  # type: ignore[index]
+        assert r.done, r  # every stream ended with [DONE]: in full, or after an explicit error event
+        if r.error is not None:
+            assert r.error_code == "replica_failed" and r.error["message"], r
     # The rest ran to their end (2000 tokens, one or more per chunk) on the other replica... or were cut.
     held = wait_until_idle("faulty")
     assert all(v == (0, 0) for v in held.values()), f"still held (KV blocks, requests): {held}"
