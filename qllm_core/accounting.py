@@ -49,15 +49,18 @@ class TimeAccounts:
         """A unit of a pass holding BE requests ran until `at`: BE work progressed."""
         self._be_since = at
 
-    def be_stalled_s(self, now: float, be_queued: bool) -> float:
-        """How long queued BE work has gone without any BE work advancing (0 with no BE queued): what BE ages
-        on, its own progress rather than time queued."""
+    def be_queue_seen(self, now: float, be_queued: bool) -> None:
+        """The engine looked at the BE queue at `now`: the stall clock starts when queued BE work is first
+        seen and stops when none is queued."""
         if not be_queued:
             self._be_since = None
-            return 0.0
-        if self._be_since is None:
+        elif self._be_since is None:
             self._be_since = now
-        return now - self._be_since
+
+    def be_stalled_s(self, now: float) -> float:
+        """How long queued BE work has gone without any BE work advancing (0 with no BE queued): what BE ages
+        on, its own progress rather than time queued."""
+        return 0.0 if self._be_since is None else now - self._be_since
 
     # ---- passes ----------------------------------------------------------------------------------------
     def pass_started(self, requests: list[Request], fed: list[int], prompts: list[bool], now: float) -> None:

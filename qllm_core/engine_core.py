@@ -247,6 +247,7 @@ class EngineCore:
     def _view(self, now: float) -> SchedulerView:
         queues = self.table.queues()
         kv, passes = self.kv, self.passes
+        self.accounts.be_queue_seen(now, bool(queues.waiting[BE] or queues.ready[BE]))
         return SchedulerView(
             now=now,
             waiting=queues.waiting,
@@ -256,7 +257,7 @@ class EngineCore:
             running=None if passes.active is None else passes.active.info(now),
             suspended=None if not passes.suspended else passes.suspended[-1].info(now),
             cost=self.cost,
-            be_stalled_s=self.accounts.be_stalled_s(now, bool(queues.waiting[BE] or queues.ready[BE])),
+            be_stalled_s=self.accounts.be_stalled_s(now),
         )
 
     def audit(self) -> None:

@@ -125,9 +125,11 @@ class ForwardPass:
         queued_s: float,
         sampler: Sampler,
         on_unit: UnitObserver | None = None,
+        features: PassFeatures | None = None,
     ) -> None:
         """`granularity`: where it stops, decided once as it starts (`Policy.points`). `queued_s`: the longest
-        time one of its requests waited before this pass started. `sampler` chooses tokens at its head."""
+        time one of its requests waited before this pass started. `sampler` chooses tokens at its head.
+        `features`: what it costs, where the caller already described `entries` (else described here)."""
         self.pass_id = pass_id
         self.entries = entries
         self.granularity = granularity
@@ -162,15 +164,15 @@ class ForwardPass:
         self._rope: Rope = None
         self.reshaped = False
         """Requests left or joined it part way: its run time is no measure of the pass it started as."""
-        self._set_inputs()
+        self._set_inputs(features)
 
-    def _set_inputs(self) -> None:
+    def _set_inputs(self, features: PassFeatures | None = None) -> None:
         device = self._kv.device
         entries = self.entries
         self._token_ids = to_device([t for e in entries for t in e.token_ids], device)
         self._positions = to_device([e.start + i for e in entries for i in range(len(e.token_ids))], device)
         self._batch = self._attention_batch()
-        self.features = features_of(entries)
+        self.features = features_of(entries) if features is None else features
 
     # ---- what the scheduler sees ---------------------------------------------------------------------
     @property

@@ -73,7 +73,8 @@ class PassStack:
         planned = zip(plan.request_ids, plan.num_tokens, strict=True)
         entries = [self._entry(self._table.by_id[rid], n) for rid, n in planned]
         queued = max(now - e.request.waiting_since for e in entries)
-        info = pass_info(entries, self._model.num_layers, queued, features_of(entries))
+        features = features_of(entries)
+        info = pass_info(entries, self._model.num_layers, queued, features)
         under = self.suspended[-1].info(now) if self.suspended else None
         granularity = self._policy.points(info, under)
         for e in entries:
@@ -96,6 +97,7 @@ class PassStack:
             queued_s=queued,
             sampler=self._sampler,
             on_unit=self._on_unit,
+            features=features,
         )
         self.active = started
         return started
