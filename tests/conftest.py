@@ -72,20 +72,22 @@ def _olmoe() -> PreTrainedModel:
 FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "olmoe": _olmoe}
 
 
+def save_tiny(model: PreTrainedModel, path: Path, **save_kwargs: object) -> Path:
+    """Save a tiny model as a user's checkpoint: token 0 as its EOS, the built-in tokenizer beside it."""
+    model.generation_config.eos_token_id = 0
+    model.save_pretrained(path, **save_kwargs)
+    build_tokenizer(VOCAB).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def family_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One saved random checkpoint (with a real tokenizer) per supported family."""
     root = tmp_path_factory.mktemp("families")
-    tokenizer = build_tokenizer(VOCAB)
     paths = {}
     for name, make in FAMILIES.items():
         torch.manual_seed(1234)
-        model = make()
-        model.generation_config.eos_token_id = 0
-        path = root / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
+        paths[name] = save_tiny(make(), root / name)
     return paths
 
 

@@ -12,9 +12,8 @@ import torch
 
 from qllm_core import ConfigError, EngineConfig, FinishReason, SamplingParams
 from qllm_core.engine_core import EngineCore
-from qllm_core.models.builtin import build_tokenizer
 from qllm_core.models.registry import resolve_dtype
-from tests.conftest import DEVICE, FAMILIES, VOCAB, drain
+from tests.conftest import DEVICE, FAMILIES, drain, save_tiny
 
 PROMPT = [5, 17, 99, 250, 3, 3, 42]
 Reference = Callable[..., list[int]]
@@ -22,11 +21,7 @@ Reference = Callable[..., list[int]]
 
 def _save(path: Path, **save_kwargs: object) -> Path:
     torch.manual_seed(1234)
-    model = FAMILIES["mixtral"]()
-    model.generation_config.eos_token_id = 0
-    model.save_pretrained(path, **save_kwargs)
-    build_tokenizer(VOCAB).save_pretrained(path)
-    return path
+    return save_tiny(FAMILIES["mixtral"](), path, **save_kwargs)
 
 
 def _greedy(core: EngineCore, max_tokens: int = 12, ignore_eos: bool = False) -> tuple[list[int], FinishReason]:

@@ -14,9 +14,8 @@ import torch
 
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
-from qllm_core.models.builtin import build_tokenizer
 from qllm_core.outputs import RequestOutput
-from tests.conftest import DEVICE, FAMILIES, VOCAB, drain
+from tests.conftest import DEVICE, FAMILIES, drain, save_tiny
 
 PROMPTS = [
     [5, 17, 99, 250, 3, 3, 42],
@@ -124,9 +123,7 @@ def test_sliding_window_matches_transformers(tmp_path: Path, reference: Referenc
     torch.manual_seed(1234)
     model = FAMILIES["mixtral"]()
     model.config.sliding_window = 6
-    model.generation_config.eos_token_id = 0
-    model.save_pretrained(tmp_path)
-    build_tokenizer(VOCAB).save_pretrained(tmp_path)
+    save_tiny(model, tmp_path)
     core = EngineCore(EngineConfig(model=str(tmp_path), dtype="float64", device=DEVICE, granularity="iteration"))
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
     for i, prompt in enumerate(PROMPTS):

@@ -9,14 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
 from transformers.models.gemma4 import Gemma4Config, Gemma4ForConditionalGeneration
 from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
 from qllm_core import EngineConfig, SamplingParams
 from qllm_core.engine_core import EngineCore
-from qllm_core.models.builtin import build_tokenizer
-from tests.conftest import DEVICE, VOCAB, drain
+from tests.conftest import DEVICE, VOCAB, drain, save_tiny
 
 PROMPTS = ([5, 17, 99, 250, 3, 3, 42], list(range(20, 60)))
 MAX_NEW = 10
@@ -67,13 +65,6 @@ GEMMA4_TEXT = dict(
 )
 
 
-def _save(model: PreTrainedModel, path: Path) -> Path:
-    model.generation_config.eos_token_id = 0
-    model.save_pretrained(path)
-    build_tokenizer(VOCAB).save_pretrained(path)
-    return path
-
-
 def _served_as_transformers_serves_it(path: Path, reference: Reference) -> EngineCore:
     core = EngineCore(EngineConfig(model=str(path), dtype="float64", device=DEVICE, granularity="expert"))
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
@@ -92,7 +83,7 @@ def test_a_released_qwen3_5_moe_checkpoint_serves_its_text_decoder(tmp_path: Pat
         tie_word_embeddings=False,
     )
     torch.manual_seed(1234)
-    path = _save(Qwen3_5MoeForConditionalGeneration(config), tmp_path)
+    path = save_tiny(Qwen3_5MoeForConditionalGeneration(config), tmp_path)
     assert json.loads((path / "config.json").read_text())["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
     core = _served_as_transformers_serves_it(path, reference)
     layers = core.kv.layout.layers
@@ -103,7 +94,7 @@ def test_a_released_qwen3_5_moe_checkpoint_serves_its_text_decoder(tmp_path: Pat
 def test_a_released_gemma4_checkpoint_serves_its_text_decoder(tmp_path: Path, reference: Reference) -> None:
     config = Gemma4Config(text_config=GEMMA4_TEXT, vision_config=None, audio_config=None, tie_word_embeddings=True)
     torch.manual_seed(1234)
-    path = _save(Gemma4ForConditionalGeneration(config), tmp_path)
+    path = save_tiny(Gemma4ForConditionalGeneration(config), tmp_path)
     assert json.loads((path / "config.json").read_text())["architectures"] == ["Gemma4ForConditionalGeneration"]
     core = _served_as_transformers_serves_it(path, reference)
     assert len(set(core.kv.layout.layers)) > 1, "the full-attention layer keeps KV of its own shape"

@@ -26,9 +26,8 @@ from qllm_core.engine_core import EngineCore
 from qllm_core.errors import ConfigError
 from qllm_core.models.builtin import build_tokenizer
 from qllm_core.models.families import REFUSED
+from tests.conftest import VOCAB, save_tiny
 
-VOCAB = 384
-"""The built-in tokenizer's vocabulary, shared by every tiny checkpoint."""
 MAX_PARAMETERS = 2_000_000
 """Most parameters a tiny checkpoint may have (the sweep builds dozens)."""
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "models.md"
@@ -178,9 +177,7 @@ def save_checkpoint(model_type: str, directory: Path, dtype: torch.dtype = torch
         if size > MAX_PARAMETERS:
             raise AssertionError(f"{model_type}: the tiny config has {size} parameters; shrink it in OVERRIDES")
         torch.manual_seed(1234)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.generation_config.eos_token_id = 0
-        model.save_pretrained(directory)
+        return save_tiny(AutoModelForCausalLM.from_config(config, dtype=dtype), directory)
     build_tokenizer(VOCAB).save_pretrained(directory)
     return directory
 
