@@ -107,3 +107,13 @@ def faulty_app(serve_app: str) -> Iterator[str]:
     wait_healthy(base, replicas=2, app="faulty")
     yield base
     serve.delete("faulty")
+
+
+def wait_replaced(base: str, victim: str, within_s: float, app: str) -> None:
+    """Until Serve has replaced the engine replica `victim` (a part of its actor name) of `app` and the app is
+    healthy with two replicas again; fails after `within_s` without a replacement."""
+    deadline = time.monotonic() + within_s
+    while any(victim in name for name in engine_replica_actors(app)):
+        assert time.monotonic() < deadline, f"Serve did not replace replica {victim} of {app} in {within_s} s"
+        time.sleep(0.5)
+    wait_healthy(base, replicas=2, app=app)

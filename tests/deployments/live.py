@@ -116,3 +116,17 @@ async def open_spread(opener: StreamOpener, app: str, least: int, most: int = 24
             if now and all(held(s)[1] > 0 for s in now.values()):
                 break
     return tasks
+
+
+def assert_each_ended_explicitly(results: list[StreamRead], whole_chunks: int = 0) -> None:
+    """Streams over two replicas, one of which failed: each ended with [DONE], either in full (at least
+    `whole_chunks` chunks) or after an explicit replica_failed error event with a message; the failed
+    replica's were cut and the other's ran in full."""
+    for r in results:
+        assert r.done, r
+        if r.error is None:
+            assert r.chunks >= whole_chunks, r
+        else:
+            assert r.error_code == "replica_failed" and r.error["message"], r
+    assert any(r.error is not None for r in results), "no stream was cut: none was on the failed replica"
+    assert any(r.error is None for r in results), "the other replica must finish its streams"

@@ -4,7 +4,6 @@ it, while every request that was in flight there ends with an explicit error (or
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -17,8 +16,8 @@ from deployments.faults import FAULT_INJECTION_ENV
 from deployments.replica import EngineReplica
 from deployments.settings import AppSettings
 from qllm_core.errors import ConfigError, EngineStalledError
-from tests.deployments.conftest import engine_replica_actors, wait_healthy
-from tests.deployments.live import StreamRead, open_spread, read_stream
+from tests.deployments.conftest import engine_replica_actors, wait_replaced
+from tests.deployments.live import StreamRead, assert_each_ended_explicitly, open_spread, read_stream
 
 LONG = 400
 """Tokens per long request: enough that every one is still decoding when the loop is killed."""
@@ -102,14 +101,7 @@ def test_a_dead_engine_loop_ends_its_requests_explicitly_and_serve_replaces_the_
     before = engine_replica_actors("faulty")
     victim, streams, answers = asyncio.run(_kill_loop_under_load(faulty_app))
     assert any(victim in name for name in before)
-    for s in streams:  # each stream ended with [DONE]: in full, or after an explicit error event
-        assert s.done, s
-        if s.error is None:
-            assert s.chunks >= LONG // 8, s  # chunks carry 1+ tokens' text
-        else:
-            assert s.error_code == "replica_failed" and s.error["message"], s
-    assert any(s.error for s in streams), "the victim's streams must have been cut"
-    assert any(s.error is None for s in streams), "the other replica must finish its streams"
+    assert_each_ended_explicitly(streams, whole_chunks=LONG // 8)  # a chunk carries one or more tokens' text
     # Whole answers: complete, or an explicit 503 (cut mid-way, or every placement landed on the victim).
     for r, asked in zip(answers, [LONG] * len(streams) + [4] * AFTER, strict=True):
         assert r.status_code in (200, 503), r.text
@@ -119,11 +111,7 @@ def test_a_dead_engine_loop_ends_its_requests_explicitly_and_serve_replaces_the_
             assert r.json()["error"]["message"], r.text
     print(f"whole answers: {[r.status_code for r in answers]}")
     # The victim fails its health checks and Serve replaces it (with a check that never fails, it stays).
-    deadline = time.monotonic() + REPLACED_WITHIN_S
-    while any(victim in name for name in engine_replica_actors("faulty")):
-        assert time.monotonic() < deadline, "Serve did not replace the replica whose engine loop died"
-        time.sleep(0.5)
-    wait_healthy(faulty_app, replicas=2, app="faulty")
+    wait_replaced(faulty_app, victim, REPLACED_WITHIN_S, app="faulty")
     ok = httpx.post(f"{faulty_app}/v1/completions", json={"prompt": "after", "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200, ok.text
 

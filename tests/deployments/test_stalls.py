@@ -14,8 +14,8 @@ from ray import serve
 
 from deployments.protocol import PlacementHint
 from qllm_core import PriorityClass
-from tests.deployments.conftest import STALL_BOUND_S, engine_replica_actors, wait_healthy
-from tests.deployments.live import StreamRead, open_spread, read_stream, replica_ids
+from tests.deployments.conftest import STALL_BOUND_S, wait_healthy, wait_replaced
+from tests.deployments.live import StreamRead, assert_each_ended_explicitly, open_spread, read_stream, replica_ids
 from tests.deployments.logs import serve_log_lines
 
 pytestmark = pytest.mark.integration
@@ -43,16 +43,8 @@ def test_a_stalled_engine_is_replaced_and_its_requests_end_explicitly(faulty_app
     wait_healthy(faulty_app, replicas=2, app="faulty")
     victim = replica_ids("faulty")[0]
     results = asyncio.run(_stall_under_load(faulty_app, victim))
-    for r in results:  # each ended with [DONE]: in full, or after an explicit error event once replaced
-        assert r.done, r
-        assert r.error_code in (None, "replica_failed"), r
-    assert any(r.error for r in results), "no stream was on the stalled replica"
-    assert any(r.error is None for r in results), "the other replica must finish its streams"
-    deadline = time.monotonic() + REPLACED_WITHIN_S
-    while any(victim in name for name in engine_replica_actors("faulty")):
-        assert time.monotonic() < deadline, "Serve did not replace the stalled replica"
-        time.sleep(0.5)
-    wait_healthy(faulty_app, replicas=2, app="faulty")
+    assert_each_ended_explicitly(results)  # the stalled replica's once it was replaced
+    wait_replaced(faulty_app, victim, REPLACED_WITHIN_S, app="faulty")
     ok = httpx.post(f"{faulty_app}/v1/completions", json={"prompt": "after", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200, ok.text
 
