@@ -28,7 +28,8 @@ class Granularity(enum.Enum):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The part of the settings a scheduling policy sees (built by `EngineConfig.scheduler_config`)."""
+    """The part of the settings a scheduling policy sees, built by `EngineConfig.scheduler_config`: the defaults
+    and their reasons live there, once."""
 
     policy: str
     granularity: Granularity
@@ -36,14 +37,14 @@ class SchedulerConfig:
     max_batched_tokens: int
     be_max_wait_s: float
     merge_ls_into_be: bool
-    chunk_tokens: int = 512
+    chunk_tokens: int
     """Token budget of one pass for the policies that split prompts into chunks (`chunked`)."""
-    be_decodes_in_ls_passes: bool = False
+    be_decodes_in_ls_passes: bool
     """`qllm`: BE decodes may fill a pass that prefills LS prompts."""
-    ls_tpot_target_s: float | None = None
+    ls_tpot_target_s: float | None
     """`qllm`: the most time a pass carrying LS decodes should take, BE included; None: what a `chunked` pass of
     those decodes would cost (the decodes plus a prompt chunk up to `chunk_tokens` tokens in all)."""
-    ls_ttft_slack: float = 0.25
+    ls_ttft_slack: float
     """`qllm`: how far past its isolated cost a choice may push an LS prompt's pass (LS decodes riding in it, a
     running pass finished first) and the margin a change of course must win by."""
 

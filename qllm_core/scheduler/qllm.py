@@ -74,6 +74,11 @@ def row_features(request: Request) -> PassFeatures:
     return PassFeatures.of_row(request.num_cached_tokens, request.num_uncached_tokens)
 
 
+def decode_features(decodes: list[Request]) -> PassFeatures:
+    """The features of a pass feeding one token to each of `decodes`."""
+    return PassFeatures.of_rows((r.num_cached_tokens, 1) for r in decodes)
+
+
 class QllmPolicy(Policy):
     """LS prompts and LS decodes first, planned by cost; BE fills what LS steps spare and is protected by aging."""
 
@@ -144,9 +149,9 @@ class QllmPolicy(Policy):
         decodes = sorted(view.ready[LS], key=urgency)
         if decodes:
             cost = view.cost_model
-            decode_features = PassFeatures.of_rows((r.num_cached_tokens, 1) for r in decodes)
-            cheap = cost.seconds(builder.features + decode_features) <= (1 + self.config.ls_ttft_slack) * group.cost_s
-            gap_s = view.now - min(r.waiting_since for r in decodes) + group.cost_s + cost.seconds(decode_features)
+            riding = decode_features(decodes)
+            cheap = cost.seconds(builder.features + riding) <= (1 + self.config.ls_ttft_slack) * group.cost_s
+            gap_s = view.now - min(r.waiting_since for r in decodes) + group.cost_s + cost.seconds(riding)
             if cheap or gap_s > self._tpot_target(view, decodes):
                 builder.add_in_order(decodes, skip_misfits=True)
         if self.config.be_decodes_in_ls_passes:
@@ -190,7 +195,7 @@ class QllmPolicy(Policy):
         up to `chunk_tokens` tokens in all."""
         if self.config.ls_tpot_target_s is not None:
             return self.config.ls_tpot_target_s
-        features = PassFeatures.of_rows((r.num_cached_tokens, 1) for r in decodes)
+        features = decode_features(decodes)
         fill = self.config.chunk_tokens - len(decodes)
         if fill > 0:
             features = features + PassFeatures.of_row(0, fill)
@@ -209,7 +214,7 @@ class QllmPolicy(Policy):
             return False
         decodes = sorted(view.ready[LS], key=urgency)
         cost = view.cost_model
-        decode_s = cost.seconds(PassFeatures.of_rows((r.num_cached_tokens, 1) for r in decodes))
+        decode_s = cost.seconds(decode_features(decodes))
         return self._left_s(cost, running) + decode_s > self._tpot_target(view, decodes)
 
     def may_preempt(self, info: PassInfo) -> bool:

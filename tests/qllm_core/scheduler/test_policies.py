@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from qllm_core.config import Granularity, SchedulerConfig
+from qllm_core.config import EngineConfig, Granularity
 from qllm_core.params import SamplingParams
 from qllm_core.request import PriorityClass, Request, RequestState
 from qllm_core.scheduler import POLICIES, BatchPlan, PassInfo, Policy, SchedulerView
 
 LS, BE = PriorityClass.LATENCY_SENSITIVE, PriorityClass.BEST_EFFORT
-CONFIG = SchedulerConfig(
-    "qllm", Granularity.LAYER, max_batch_size=4, max_batched_tokens=100, be_max_wait_s=5.0, merge_ls_into_be=False
-)
+CONFIG = EngineConfig(
+    policy="qllm", granularity=Granularity.LAYER, max_batch_size=4, max_batched_tokens=100, be_max_wait_s=5.0
+).scheduler_config()
 
 
 def req(rid: str, cls: PriorityClass, arrival: float, prompt: int = 10, decoding: bool = False) -> Request:
