@@ -200,15 +200,15 @@ class Ingress:
         choices = Choices(payload.choices, payload.n, keep=not body.stream)
         prompts = payload.prompts if self._s.log_prompts else None
         log = RequestLog(request_id, priority.label, body.kind, body.stream, prompts=prompts)
-        release: Callable[[], None] | None = functools.partial(self._gate.release, client, payload)
+        release = functools.partial(self._gate.release, client, payload)
+        streamed = False
         stream: DeploymentResponseGenerator | None = None
         try:
             first, stream = await self._open(payload, priority)
             log.first_item(first)
             if body.stream:
-                ended = functools.partial(self._gate.release, client, payload)
-                events = self._events(answer, first, stream, choices, body.include_usage, log, ended)
-                release = None  # the stream releases the call when it ends
+                events = self._events(answer, first, stream, choices, body.include_usage, log, release)
+                streamed = True  # the stream releases the call when it ends
                 return StreamingResponse(events, media_type="text/event-stream")
             await _collect(first, stream, choices)
         except ApiError as exc:
@@ -220,7 +220,7 @@ class Ingress:
             log.finish(logger, 499, error="client_disconnected")
             raise
         finally:
-            if release is not None:
+            if not streamed:
                 release()
         log.finish(logger, 200, choices)
         return JSONResponse(answer.body(choices))
